@@ -1,0 +1,179 @@
+"""The collector's YAML configuration, loaded into typed, frozen dataclasses and validated up front.
+
+`get_config()` reads `settings.COLLECTOR_CONFIG` once per process. Every problem is reported as a
+`ConfigError` naming the dotted key and what is accepted, so a bad file stops start-up with a clear line.
+"""
+
+import dataclasses
+import functools
+import types
+import typing
+from pathlib import Path
+
+import yaml
+from django.conf import settings
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class RateLimitConfig:
+    weight_per_minute: int
+    burst: int
+
+    @property
+    def refill_per_second(self) -> float:
+        return self.weight_per_minute / 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MacdConfig:
+    fast: int = 12
+    slow: int = 26
+    signal: int = 9
+
+
+@dataclasses.dataclass(frozen=True)
+class BollingerConfig:
+    period: int = 20
+    std: float = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class IndicatorConfig:
+    rsi: tuple[int, ...] = (14,)
+    ema: tuple[int, ...] = (12, 26, 50)
+    sma: tuple[int, ...] = (20, 50, 200)
+    macd: tuple[MacdConfig, ...] = (MacdConfig(),)
+    bollinger: tuple[BollingerConfig, ...] = (BollingerConfig(),)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    workers: int = 2
+    batch_size: int = 10
+    lease_seconds: int = 120
+    interval_seconds: float = 1.0
+    schedule_delay_seconds: float = 2.0
+    backoff_base_seconds: float = 5.0
+    backoff_max_seconds: float = 900.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectionConfig:
+    default_history_candles: int = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectorConfig:
+    rate_limits: dict[str, RateLimitConfig]
+    indicators: IndicatorConfig = IndicatorConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    collection: CollectionConfig = CollectionConfig()
+
+    def rate_limit_for(self, exchange_id: str) -> RateLimitConfig:
+        return self.rate_limits.get(exchange_id) or self.rate_limits["default"]
+
+
+# Fields that must be strictly positive; everything else numeric must be >= 0.
+_POSITIVE = {"weight_per_minute", "burst", "workers", "batch_size", "lease_seconds", "period", "fast", "slow", "signal"}
+
+
+def _type_name(tp: typing.Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of names to {_type_name(typing.get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        keys = ", ".join(f.name for f in dataclasses.fields(tp))
+        return f"a mapping with keys {keys}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _convert(value: typing.Any, tp: typing.Any, key: str) -> typing.Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"{key}.{unknown[0]}: unknown key; accepted keys are {', '.join(fields)}"
+                if key
+                else f"{unknown[0]}: unknown key; accepted keys are {', '.join(fields)}"
+            )
+        kwargs = {}
+        for name, field in fields.items():
+            path = f"{key}.{name}" if key else name
+            if name in value:
+                kwargs[name] = _convert(value[name], field.type, path)
+            elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{path}: required key is missing ({_type_name(field.type)})")
+        return tp(**kwargs)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (item_type, _) = typing.get_args(tp)
+        return tuple(_convert(item, item_type, f"{key}[{i}]") for i, item in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        _, item_type = typing.get_args(tp)
+        return {str(k): _convert(v, item_type, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp in (int, float):
+        # YAML booleans are ints in Python; an integer where a float is expected is fine.
+        ok = isinstance(value, int) if tp is int else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok:
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        leaf = key.rsplit(".", 1)[-1].split("[")[0]
+        if leaf in _POSITIVE and value <= 0:
+            raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative, got {value!r}")
+        return tp(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if isinstance(tp, types.UnionType):  # pragma: no cover - no optional fields yet
+        raise ConfigError(f"{key}: unsupported type {tp}")
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
+
+
+def load_config(path: str | Path) -> CollectorConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"collector configuration file not found: {path} (set COLLECTOR_CONFIG)") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        config = _convert(data, CollectorConfig, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if "default" not in config.rate_limits:
+        raise ConfigError(f"{path}: rate_limits.default: required key is missing (weight_per_minute, burst)")
+    for macd in config.indicators.macd:
+        if macd.fast >= macd.slow:
+            raise ConfigError(f"{path}: indicators.macd: fast ({macd.fast}) must be less than slow ({macd.slow})")
+    return config
+
+
+@functools.cache
+def get_config() -> CollectorConfig:
+    return load_config(settings.COLLECTOR_CONFIG)
