@@ -1,12 +1,53 @@
+import re
+
 from django.core.exceptions import ValidationError
 from django.db import models
 
+from apps.connectors.exchanges import is_known_exchange
 from datacollector.config import get_config
+
+# Where operators find the accepted exchange ids; error messages point there.
+EXCHANGES_URL = "/api/v1/exchanges"
+
+# ccxt constructor options that carry credentials. They must come from the environment (api_*_env),
+# never sit in the database where the admin, the API and backups would show them.
+CREDENTIAL_OPTIONS = ("apiKey", "secret", "password", "uid", "login", "privateKey", "walletAddress", "token")
+
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def validate_options(value: object) -> None:
     if not isinstance(value, dict):
         raise ValidationError("options must be a JSON object (the keyword arguments of the ccxt exchange constructor).")
+    credentials = [key for key in CREDENTIAL_OPTIONS if key in value]
+    if credentials:
+        raise ValidationError(
+            f"options must not hold credentials ({', '.join(credentials)}): put them in environment variables "
+            "and name those in api_key_env, api_secret_env, api_password_env."
+        )
+
+
+def validate_exchange_id(value: str) -> None:
+    if not is_known_exchange(value):
+        raise ValidationError(
+            f"Unknown exchange id {value!r}: use a ccxt exchange id (e.g. binance, kraken, coinbase) or "
+            f"'simulated' for the offline exchange; GET {EXCHANGES_URL} lists every accepted id.",
+            code="unknown_exchange",
+        )
+
+
+class ConnectorQuerySet(models.QuerySet):
+    def for_exchange(self, exchange_id: str) -> "Connector":
+        """The connector of `exchange_id`, or a ValidationError telling the operator what to do."""
+        validate_exchange_id(exchange_id)
+        try:
+            return self.get(exchange_id=exchange_id)
+        except Connector.DoesNotExist:
+            raise ValidationError(
+                f"No connector is configured for exchange {exchange_id!r}: create one first "
+                "(POST /api/v1/connectors/ or the admin), then add jobs to it.",
+                code="no_connector",
+            ) from None
 
 
 class Connector(models.Model):
@@ -43,6 +84,8 @@ class Connector(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
+    objects = ConnectorQuerySet.as_manager()
+
     class Meta:
         ordering = ["exchange_id"]
 
@@ -56,6 +99,36 @@ class Connector(models.Model):
         if self.rate_limit_burst is None:
             self.rate_limit_burst = defaults.burst
         super().save(*args, **kwargs)
+
+    def clean(self) -> None:
+        # The rules the API and the admin share: both call full_clean(), so they report the same errors.
+        errors: dict[str, str] = {}
+        if self.exchange_id:
+            try:
+                validate_exchange_id(self.exchange_id)
+            except ValidationError as exc:
+                errors["exchange_id"] = exc.messages[0]
+        if self.pk is not None and "exchange_id" not in errors:
+            original = Connector.objects.filter(pk=self.pk).values_list("exchange_id", flat=True).first()
+            if original is not None and original != self.exchange_id:
+                # Stored candles and rate-limit buckets are keyed by the exchange id.
+                errors["exchange_id"] = (
+                    f"exchange_id cannot be changed (it is {original!r}): candles and rate limits are keyed by it; "
+                    "create another connector instead."
+                )
+        for field in ("rate_limit_weight_per_minute", "rate_limit_burst"):
+            value = getattr(self, field)
+            if value is not None and value <= 0:
+                errors[field] = f"{field} must be a positive integer (leave it empty for the collector.yaml default)."
+        for field in ("api_key_env", "api_secret_env", "api_password_env"):
+            value = getattr(self, field)
+            if value and not _ENV_NAME_RE.match(value):
+                errors[field] = (
+                    f"{field} must be the NAME of an environment variable (letters, digits and underscores, "
+                    "e.g. BINANCE_API_KEY), never the key itself."
+                )
+        if errors:
+            raise ValidationError(errors)
 
     def start(self) -> int:
         """Enable the connector and activate all its jobs; returns how many jobs were touched."""

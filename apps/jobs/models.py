@@ -1,11 +1,48 @@
+import re
 from datetime import datetime
 
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import F, Value
 from django.db.models.functions import Least
 from django.utils import timezone
 
+from apps.connectors.exchanges import is_known_exchange, is_valid_timeframe_syntax, offline_timeframes
 from apps.connectors.models import Connector
+
+# ccxt unified symbols: BASE/QUOTE for spot, BASE/QUOTE:SETTLE for derivatives, optionally followed by
+# the expiry/strike/type of futures and options (BTC/USDT:USDT-250328). Codes are opaque to us (1000PEPE,
+# USDC.E), so only the separators are checked.
+_SYMBOL_RE = re.compile(r"^[^\s/:]+/[^\s/:]+(:[^\s/:]+)?$")
+
+# Fields naming the series; the cursor and the stored candles belong to them, so they never change.
+SERIES_FIELDS = ("connector", "symbol", "timeframe")
+
+
+def validate_symbol(value: str) -> None:
+    if not _SYMBOL_RE.match(value):
+        raise ValidationError(
+            f"Symbol {value!r} is not a ccxt unified symbol: use BASE/QUOTE (e.g. BTC/USDT), "
+            "or BASE/QUOTE:SETTLE for derivatives (e.g. BTC/USDT:USDT).",
+            code="bad_symbol",
+        )
+
+
+def validate_timeframe(timeframe: str, exchange_id: str) -> None:
+    """Accept what the exchange offers; when ccxt knows nothing offline, any well-formed timeframe."""
+    offered = offline_timeframes(exchange_id) if is_known_exchange(exchange_id) else ()
+    if offered:
+        if timeframe not in offered:
+            raise ValidationError(
+                f"Timeframe {timeframe!r} is not offered by {exchange_id}; it offers: {', '.join(offered)}.",
+                code="bad_timeframe",
+            )
+    elif not is_valid_timeframe_syntax(timeframe):
+        raise ValidationError(
+            f"Timeframe {timeframe!r} is not well formed: a positive number followed by s, m, h, d, w, M or y "
+            "(e.g. 1m, 4h, 1d).",
+            code="bad_timeframe",
+        )
 
 
 class JobQuerySet(models.QuerySet):
@@ -73,6 +110,39 @@ class Job(models.Model):
 
     def __str__(self) -> str:
         return f"{self.connector.exchange_id} {self.symbol} {self.timeframe}"
+
+    def clean(self) -> None:
+        # The rules the API and the admin share: both call full_clean(), so they report the same errors.
+        errors: dict[str, str] = {}
+        if self.symbol:
+            try:
+                validate_symbol(self.symbol)
+            except ValidationError as exc:
+                errors["symbol"] = exc.messages[0]
+        if self.timeframe and self.connector_id is not None:
+            try:
+                validate_timeframe(self.timeframe, self.connector.exchange_id)
+            except ValidationError as exc:
+                errors["timeframe"] = exc.messages[0]
+        if self.pk is not None:
+            original = Job.objects.filter(pk=self.pk).values("connector", "symbol", "timeframe").first()
+            for field in SERIES_FIELDS if original else ():
+                current = self.connector_id if field == "connector" else getattr(self, field)
+                if current != original[field]:
+                    errors[field] = (
+                        f"{field} cannot be changed after creation: the cursor and the stored candles belong to "
+                        "the series (exchange, symbol, timeframe); create another job instead."
+                    )
+        if errors:
+            raise ValidationError(errors)
+
+    def unique_error_message(self, model_class: type[models.Model], unique_check: tuple[str, ...]) -> ValidationError:
+        if model_class is Job and set(unique_check) == set(SERIES_FIELDS):
+            return ValidationError(
+                f"A job for {self.connector.exchange_id} {self.symbol} {self.timeframe} already exists.",
+                code="unique_together",
+            )
+        return super().unique_error_message(model_class, unique_check)
 
     @property
     def exchange_id(self) -> str:
