@@ -18,3 +18,24 @@ def api_client(user) -> APIClient:
 @pytest.fixture
 def anon_client() -> APIClient:
     return APIClient()
+
+
+@pytest.fixture
+def simulated(db):
+    from apps.connectors.models import Connector
+
+    return Connector.objects.create(exchange_id="simulated", name="Simulated")
+
+
+@pytest.fixture
+def binance(db):
+    from apps.connectors.models import Connector
+
+    return Connector.objects.create(exchange_id="binance", name="Binance")
+
+
+@pytest.fixture
+def job(simulated):
+    from apps.jobs.models import Job
+
+    return Job.objects.create(connector=simulated, symbol="BTC/USDT", timeframe="1m")

@@ -130,6 +130,13 @@ class Connector(models.Model):
         if errors:
             raise ValidationError(errors)
 
+    def unique_error_message(self, model_class: type[models.Model], unique_check: tuple[str, ...]) -> ValidationError:
+        if model_class is Connector and tuple(unique_check) == ("exchange_id",):
+            return ValidationError(
+                f"A connector for exchange {self.exchange_id!r} already exists: edit it instead.", code="unique"
+            )
+        return super().unique_error_message(model_class, unique_check)
+
     def start(self) -> int:
         """Enable the connector and activate all its jobs; returns how many jobs were touched."""
         Connector.objects.filter(pk=self.pk).update(enabled=True)

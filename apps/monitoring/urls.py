@@ -1,0 +1,8 @@
+from django.urls import re_path
+
+from apps.monitoring import views
+
+urlpatterns = [
+    re_path(r"^health/?$", views.live, name="health"),
+    re_path(r"^health/ready/?$", views.ready, name="health-ready"),
+]
