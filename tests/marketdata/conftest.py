@@ -1,0 +1,51 @@
+"""Candle store backends for tests.
+
+`candle_store` runs a test once per backend: the SQL table on the test database (PostgreSQL), MongoDB
+on mongomock-ng (an in-process fake: there is no MongoDB server here), and a real MongoDB when the
+environment sets MONGODB_URI (in a throwaway database dropped afterwards). Use `sql_store`,
+`mongomock_store` or `mongodb_store` to pick one.
+"""
+
+import os
+import uuid
+
+import mongomock_ng
+import pytest
+
+from apps.marketdata import store
+
+
+@pytest.fixture
+def sql_store(db, settings):
+    settings.MONGODB_URI = ""
+    store.reset_mongo_client()
+    yield "sql"
+    store.reset_mongo_client()
+
+
+@pytest.fixture
+def mongomock_store(settings):
+    settings.MONGODB_URI = "mongodb://mongomock.invalid:27017"
+    settings.MONGODB_DATABASE = "dc_store"
+    store.set_mongo_client(mongomock_ng.MongoClient(tz_aware=True))
+    yield "mongomock"
+    store.reset_mongo_client()
+
+
+@pytest.fixture
+def mongodb_store(settings):
+    uri = os.environ.get("MONGODB_URI")
+    if not uri:
+        pytest.skip("set MONGODB_URI to run the store contract against a real MongoDB")
+    settings.MONGODB_URI = uri
+    settings.MONGODB_DATABASE = f"dc_store_test_{uuid.uuid4().hex[:12]}"
+    store.reset_mongo_client()
+    yield "mongodb"
+    store.get_mongo_client().drop_database(settings.MONGODB_DATABASE)
+    store.reset_mongo_client()
+
+
+@pytest.fixture(params=["sql", "mongomock", "mongodb"])
+def candle_store(request) -> str:
+    """The name of the backend the store functions now use; the test runs once per backend."""
+    return request.getfixturevalue(f"{request.param}_store")
