@@ -1,13 +1,16 @@
+import random
 import re
-from datetime import datetime
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from django.core.exceptions import ValidationError
-from django.db import models
-from django.db.models import F, Value
+from django.db import connections, models, transaction
+from django.db.models import F, Q, Value
 from django.db.models.functions import Least
 from django.utils import timezone
 
-from apps.connectors.exchanges import is_known_exchange, is_valid_timeframe_syntax, offline_timeframes
+from apps.connectors.exchanges import is_known_exchange, is_valid_timeframe_syntax, offline_timeframes, timeframe_ms
 from apps.connectors.models import Connector
 
 # ccxt unified symbols: BASE/QUOTE for spot, BASE/QUOTE:SETTLE for derivatives, optionally followed by
@@ -45,10 +48,113 @@ def validate_timeframe(timeframe: str, exchange_id: str) -> None:
         )
 
 
+# Monday 1970-01-05 00:00 UTC: exchanges open weekly candles on Mondays, not on the epoch's Thursday.
+_WEEK_ORIGIN_MS = 4 * 86_400_000
+
+
+class LeaseLost(Exception):
+    """The worker's claim on a job was taken over (its lease expired and another worker reclaimed it)."""
+
+    def __init__(self, job_id: int, worker: str) -> None:
+        super().__init__(
+            f"job {job_id}: lease of worker {worker!r} was lost (it expired and the job was reclaimed); "
+            "stop working on it, the new owner records the outcome"
+        )
+        self.job_id = job_id
+        self.worker = worker
+
+
+@dataclass
+class CollectResult:
+    """What collecting one job did. The scheduler accepts any object with these attributes."""
+
+    candles_fetched: int = 0
+    candles_written: int = 0
+    requests: int = 0
+    rate_limit_wait: float = 0.0
+    # True when the collector stopped early with more history to fetch: run again at once.
+    more: bool = False
+
+
+def next_candle_close(timeframe: str, now: datetime) -> datetime:
+    """The first candle close of `timeframe` strictly after `now`, on the exchange's grid (UTC).
+
+    Seconds, minutes, hours and days are multiples of the timeframe since the epoch, weeks start on
+    Mondays, months and years on the first of the calendar period.
+    """
+    amount, unit = int(timeframe[:-1]), timeframe[-1]
+    now = now.astimezone(UTC)
+    if unit in ("M", "y"):
+        months = amount * (12 if unit == "y" else 1)
+        index = (now.year - 1970) * 12 + now.month - 1
+        index = (index // months + 1) * months
+        return datetime(1970 + index // 12, index % 12 + 1, 1, tzinfo=UTC)
+    period = timeframe_ms(timeframe)
+    origin = _WEEK_ORIGIN_MS if unit == "w" else 0
+    now_ms = int(now.timestamp() * 1000)
+    close_ms = ((now_ms - origin) // period + 1) * period + origin
+    return datetime.fromtimestamp(close_ms / 1000, tz=UTC)
+
+
+def backoff_seconds(failures: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with equal jitter: between half and all of min(cap, base * 2**(failures-1)).
+
+    Equal rather than full jitter: a failing job never comes back sooner than half its backoff, so
+    a fleet of broken jobs cannot hot-loop the workers, while the jitter still spreads them out.
+    """
+    ceiling = min(cap, base * 2 ** max(0, min(failures - 1, 62)))
+    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+
+
 class JobQuerySet(models.QuerySet):
     def due(self, now: datetime | None = None) -> "JobQuerySet":
+        """Active jobs of enabled connectors whose time has come and that no live worker holds."""
         now = now or timezone.now()
-        return self.filter(status=Job.Status.ACTIVE, connector__enabled=True, next_run_at__lte=now)
+        return self.filter(
+            Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now),
+            status=Job.Status.ACTIVE,
+            connector__enabled=True,
+            next_run_at__lte=now,
+        )
+
+    def claim(self, worker: str, limit: int, lease_seconds: float, now: datetime | None = None) -> list["Run"]:
+        """Lease up to `limit` due jobs to `worker`, oldest first; returns their new running Runs.
+
+        One short transaction: lock, lease, close runs orphaned by an expired lease, create the
+        Runs, commit. Nothing else happens under the row locks. Two workers never win the same job:
+        PostgreSQL skips rows another claim has locked; elsewhere a compare-and-set UPDATE decides.
+        """
+        now = now or timezone.now()
+        lease = {"lease_owner": worker, "lease_expires_at": now + timedelta(seconds=lease_seconds)}
+        with transaction.atomic(using=self.db):
+            if connections[self.db].features.has_select_for_update_skip_locked:
+                jobs = list(
+                    self.due(now)
+                    .select_for_update(skip_locked=True, of=("self",))
+                    .select_related("connector")
+                    .order_by("next_run_at")[:limit]
+                )
+                if not jobs:
+                    return []
+                self.model.objects.filter(pk__in=[job.pk for job in jobs]).update(**lease, last_run_at=now)
+            else:
+                # No SKIP LOCKED (SQLite): read candidates unlocked, then keep only those our guarded
+                # UPDATE still finds due, so a job a concurrent claim took in between is lost, not shared.
+                candidates = list(self.due(now).select_related("connector").order_by("next_run_at")[:limit])
+                jobs = [
+                    job
+                    for job in candidates
+                    if self.model.objects.due(now).filter(pk=job.pk).update(**lease, last_run_at=now)
+                ]
+                if not jobs:
+                    return []
+            ids = [job.pk for job in jobs]
+            Run.objects.filter(job_id__in=ids, status=Run.Status.RUNNING).update(
+                status=Run.Status.FAILED, finished_at=now, error=Run.LEASE_EXPIRED
+            )
+            for job in jobs:
+                job.lease_owner, job.lease_expires_at, job.last_run_at = worker, lease["lease_expires_at"], now
+            return Run.objects.bulk_create([Run(job=job, worker=worker, started_at=now) for job in jobs])
 
     def pause(self) -> int:
         return self.update(status=Job.Status.PAUSED, updated_at=timezone.now())
@@ -160,9 +266,27 @@ class Job(models.Model):
         Job.objects.filter(pk=self.pk).run_now()
         self.refresh_from_db()
 
+    def next_run_after_success(self, now: datetime, delay_seconds: float) -> datetime:
+        """When the next candle has closed, plus a delay for the exchange to publish it."""
+        return next_candle_close(self.timeframe, now) + timedelta(seconds=delay_seconds)
+
+
+class RunQuerySet(models.QuerySet):
+    def close_orphaned(self, now: datetime | None = None) -> int:
+        """Fail running Runs whose worker died holding a job that no claim will pick up again
+        (paused, in error, or its connector disabled). Claimable jobs have theirs closed at reclaim."""
+        now = now or timezone.now()
+        return self.filter(
+            Q(job__lease_expires_at__isnull=True) | Q(job__lease_expires_at__lt=now),
+            ~Q(job__status=Job.Status.ACTIVE) | Q(job__connector__enabled=False),
+            status=Run.Status.RUNNING,
+        ).update(status=Run.Status.FAILED, finished_at=now, error=Run.LEASE_EXPIRED)
+
 
 class Run(models.Model):
     """One attempt at collecting a job, recorded whatever its outcome."""
+
+    LEASE_EXPIRED = "lease expired"
 
     class Status(models.TextChoices):
         RUNNING = "running"
@@ -180,6 +304,8 @@ class Run(models.Model):
     rate_limit_wait = models.FloatField(default=0.0, help_text="Seconds spent waiting for the shared rate limit.")
     error = models.TextField(blank=True)
 
+    objects = RunQuerySet.as_manager()
+
     class Meta:
         ordering = ["-started_at"]
         indexes = [
@@ -195,3 +321,105 @@ class Run(models.Model):
         if self.finished_at is None:
             return None
         return (self.finished_at - self.started_at).total_seconds()
+
+    def _owned_job(self) -> models.QuerySet:
+        # lease_owner is unique per worker thread, so it identifies this claim; a reclaim replaces it.
+        return Job.objects.filter(pk=self.job_id, lease_owner=self.worker)
+
+    def renew_lease(self, lease_seconds: float) -> None:
+        """Push the lease forward (one guarded UPDATE); raises LeaseLost if another worker took the job."""
+        now = timezone.now()
+        if not self._owned_job().update(lease_expires_at=now + timedelta(seconds=lease_seconds)):
+            raise LeaseLost(self.job_id, self.worker)
+
+    def begin(self, lease_seconds: float) -> None:
+        """Mark the actual start: a claimed job may have waited behind others of its batch."""
+        now = timezone.now()
+        with transaction.atomic():
+            self.renew_lease(lease_seconds)
+            Run.objects.filter(pk=self.pk).update(started_at=now)
+        self.started_at = now
+
+    def heartbeat(self, lease_seconds: float, every: float | None = None) -> Callable[[], None]:
+        """The callable a collector calls as it goes (each page); renews at most every `every` seconds
+        (default a quarter of the lease), so calling it often costs nothing."""
+        every = lease_seconds / 4 if every is None else every
+        last = timezone.now()
+
+        def beat() -> None:
+            nonlocal last
+            now = timezone.now()
+            if (now - last).total_seconds() >= every:
+                self.renew_lease(lease_seconds)
+                last = now
+
+        return beat
+
+    def _release(self, status: str, job_changes: dict, result: object = None, error: str = "") -> None:
+        """Close this Run and clear the job's lease in one transaction; LeaseLost if no longer ours."""
+        now = timezone.now()
+        counts = {
+            name: getattr(result, name, 0) or 0
+            for name in ("candles_fetched", "candles_written", "requests", "rate_limit_wait")
+        }
+        with transaction.atomic():
+            # The job row first: its lock orders this release against a concurrent reclaim.
+            if not self._owned_job().update(lease_owner="", lease_expires_at=None, updated_at=now, **job_changes):
+                raise LeaseLost(self.job_id, self.worker)
+            Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING).update(
+                status=status, finished_at=now, error=error, **counts
+            )
+        self.status, self.finished_at, self.error = status, now, error
+        for name, value in counts.items():
+            setattr(self, name, value)
+
+    def succeed(self, result: object, delay_seconds: float) -> datetime:
+        """Record success and schedule the next run at the next candle close (+ delay); returns it."""
+        now = timezone.now()
+        more = getattr(result, "more", False)
+        next_run_at = now if more else self.job.next_run_after_success(now, delay_seconds)
+        self._release(
+            Run.Status.SUCCESS,
+            {"next_run_at": next_run_at, "consecutive_failures": 0, "last_error": "", "last_success_at": now},
+            result,
+        )
+        return next_run_at
+
+    def fail(
+        self, error: str, base_seconds: float, max_seconds: float, retry_after: float | None = None, result=None
+    ) -> datetime:
+        """Record a transient failure and retry after exponential backoff with jitter; returns when."""
+        delay = backoff_seconds(self.job.consecutive_failures + 1, base_seconds, max_seconds)
+        if retry_after is not None and retry_after > delay:
+            delay = float(retry_after)
+        next_run_at = timezone.now() + timedelta(seconds=delay)
+        self._release(
+            Run.Status.FAILED,
+            {"next_run_at": next_run_at, "consecutive_failures": F("consecutive_failures") + 1, "last_error": error},
+            result,
+            error,
+        )
+        return next_run_at
+
+    def fail_permanently(self, error: str, result=None) -> None:
+        """Stop the job (status error) with a message for the operator; it waits to be resumed."""
+        self._release(
+            Run.Status.FAILED,
+            {
+                "status": Job.Status.ERROR,
+                "consecutive_failures": F("consecutive_failures") + 1,
+                "last_error": error,
+            },
+            result,
+            error,
+        )
+
+    def release_unstarted(self) -> None:
+        """Give back a claimed job that never started (shutdown): it is due again for any worker.
+
+        The never-started Run is deleted rather than failed: nothing was attempted, and a failed run
+        per deploy would only trip failure-rate alerts.
+        """
+        with transaction.atomic():
+            if self._owned_job().update(lease_owner="", lease_expires_at=None):
+                Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING).delete()

@@ -1,5 +1,351 @@
-from django.db import models
+"""The per-exchange token bucket every worker on every machine shares through the database.
+
+On PostgreSQL each operation is one atomic statement that reads the database clock
+(`clock_timestamp()`), so processes on machines with skewed clocks still agree. On SQLite (one
+machine, `BEGIN IMMEDIATE` configured in settings) the same arithmetic runs in Python inside a
+write-locked transaction, which serializes callers just as well.
+"""
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db import IntegrityError, connections, models, router, transaction
+from django.db.models import F
+from django.db.models.signals import post_save
+from django.dispatch import receiver
 from django.utils import timezone
+from prometheus_client import Counter
+
+# Process-local metrics (the totals across processes live on the row: granted, denied, ...).
+GRANTS = Counter("dc_ratelimit_grants_total", "Tokens requests granted by the shared bucket.", ["exchange"])
+DENIALS = Counter("dc_ratelimit_denials_total", "Token requests told to wait by the shared bucket.", ["exchange"])
+WAIT = Counter("dc_ratelimit_wait_seconds_total", "Seconds this process slept waiting for tokens.", ["exchange"])
+
+# When the refill rate is zero the bucket never refills: callers are told to come back in a day.
+_NO_REFILL_WAIT = 86400.0
+
+
+class RateLimitTimeout(Exception):
+    def __init__(self, exchange_id: str, weight: float, timeout: float, wait: float) -> None:
+        super().__init__(
+            f"rate limit for {exchange_id!r}: weight {weight:g} not available within the {timeout:g}s timeout "
+            f"(the shared bucket asks for {wait:.3f}s more)"
+        )
+        self.exchange_id = exchange_id
+        self.weight = weight
+        self.timeout = timeout
+        self.wait = wait
+
+
+@dataclass(frozen=True)
+class _Decision:
+    tokens: float
+    updated_at: datetime
+    granted: bool
+    wait: float
+
+
+def _decide(row: "RateLimit", weight: float, now: datetime) -> _Decision:
+    """The bucket arithmetic of `_ACQUIRE_SQL`, in Python, for backends without it."""
+    # updated_at never moves backwards, so a caller with a stale clock is credited nothing, never extra.
+    now = max(now, row.updated_at)
+    elapsed = (now - row.updated_at).total_seconds()
+    refilled = min(row.capacity, row.tokens + elapsed * row.refill_per_second)
+    blocked = max([t for t in (row.blocked_until, row.circuit_open_until) if t is not None], default=None)
+    blocked_wait = (blocked - now).total_seconds() if blocked is not None and blocked > now else 0.0
+    if blocked_wait <= 0 and refilled >= weight:
+        return _Decision(refilled - weight, now, True, 0.0)
+    if row.refill_per_second > 0:
+        token_wait = max(0.0, (weight - refilled) / row.refill_per_second)
+    else:
+        token_wait = _NO_REFILL_WAIT if refilled < weight else 0.0
+    return _Decision(refilled, now, False, max(blocked_wait, token_wait))
+
+
+# One statement: lock the row, refill by elapsed database time, take `weight` if it is there.
+# The locked CTE reads plain columns (after FOR UPDATE they are the latest committed version), the
+# UPDATE computes from them, and RETURNING reports this caller's own outcome. `now` may be read before
+# the lock wait; GREATEST keeps updated_at monotonic, so a late `now` only defers refill to the next
+# caller and can never grant a token twice.
+_ACQUIRE_SQL = """
+WITH cur AS (
+    SELECT r.id, r.capacity, r.refill_per_second, r.tokens, r.updated_at,
+           GREATEST(COALESCE(r.blocked_until, '-infinity'), COALESCE(r.circuit_open_until, '-infinity')) AS blocked,
+           t.now
+    FROM ratelimits_ratelimit r, (SELECT clock_timestamp() AS now) t
+    WHERE r.exchange_id = %(exchange_id)s
+    FOR UPDATE OF r
+), calc AS (
+    SELECT id, capacity, refill_per_second, blocked, GREATEST(now, updated_at) AS now,
+           LEAST(capacity, tokens + refill_per_second
+                 * GREATEST(0, EXTRACT(EPOCH FROM (now - updated_at))::float8)) AS refilled
+    FROM cur
+), decision AS (
+    SELECT calc.*,
+           (blocked <= now AND refilled >= %(weight)s AND %(weight)s <= capacity) AS ok,
+           GREATEST(
+               GREATEST(0, EXTRACT(EPOCH FROM (blocked - now))::float8),
+               CASE WHEN refilled >= %(weight)s THEN 0
+                    WHEN refill_per_second > 0 THEN (%(weight)s - refilled) / refill_per_second
+                    ELSE %(no_refill_wait)s END
+           ) AS wait
+    FROM calc
+)
+UPDATE ratelimits_ratelimit AS r
+SET tokens = CASE WHEN d.ok THEN d.refilled - %(weight)s ELSE d.refilled END,
+    updated_at = d.now,
+    granted = r.granted + CASE WHEN d.ok THEN 1 ELSE 0 END,
+    denied = r.denied + CASE WHEN d.ok OR %(weight)s > d.capacity THEN 0 ELSE 1 END,
+    tokens_used = r.tokens_used + CASE WHEN d.ok THEN %(weight)s ELSE 0 END
+FROM decision d
+WHERE r.id = d.id
+RETURNING d.ok, CASE WHEN d.ok THEN 0 ELSE d.wait END, d.capacity
+"""
+
+# The exchange told us how much of its fixed-minute budget is used: our bucket may not hold more
+# than what is left. Out of budget entirely: pause everyone until the exchange's minute rolls over.
+_OBSERVE_SQL = """
+WITH cur AS (
+    SELECT r.id, r.capacity, r.refill_per_second, r.tokens, r.updated_at, GREATEST(t.now, r.updated_at) AS now
+    FROM ratelimits_ratelimit r, (SELECT clock_timestamp() AS now) t
+    WHERE r.exchange_id = %(exchange_id)s
+    FOR UPDATE OF r
+)
+UPDATE ratelimits_ratelimit AS r
+SET tokens = GREATEST(0, LEAST(
+        c.capacity,
+        c.tokens + c.refill_per_second * EXTRACT(EPOCH FROM (c.now - c.updated_at))::float8,
+        %(remaining)s)),
+    updated_at = c.now,
+    blocked_until = CASE WHEN %(remaining)s <= 0
+        THEN GREATEST(COALESCE(r.blocked_until, '-infinity'), date_trunc('minute', c.now) + interval '1 minute')
+        ELSE r.blocked_until END
+FROM cur c
+WHERE r.id = c.id
+RETURNING r.tokens
+"""
+
+_BLOCK_SQL = """
+UPDATE ratelimits_ratelimit
+SET blocked_until = GREATEST(COALESCE(blocked_until, '-infinity'),
+                             clock_timestamp() + make_interval(secs => %(seconds)s)),
+    tokens = 0,
+    updated_at = GREATEST(updated_at, clock_timestamp())
+WHERE exchange_id = %(exchange_id)s
+RETURNING blocked_until
+"""
+
+# The circuit opens when the failure count reaches the threshold while it is closed (or its cooldown
+# has passed: then one more failure re-opens it at once, the half-open behaviour). The locked CTE makes
+# "did this call open it" exact when several workers fail at the same moment.
+_FAILURE_SQL = """
+WITH cur AS (
+    SELECT id, circuit_failures + 1 AS failures, circuit_open_until, clock_timestamp() AS now
+    FROM ratelimits_ratelimit
+    WHERE exchange_id = %(exchange_id)s
+    FOR UPDATE
+), d AS (
+    SELECT id, failures, now,
+           (failures >= %(threshold)s AND (circuit_open_until IS NULL OR circuit_open_until <= now)) AS opens
+    FROM cur
+)
+UPDATE ratelimits_ratelimit AS r
+SET circuit_failures = d.failures,
+    circuit_open_until = CASE WHEN d.opens THEN d.now + make_interval(secs => %(cooldown)s)
+                              ELSE r.circuit_open_until END
+FROM d
+WHERE r.id = d.id
+RETURNING d.opens
+"""
+
+_SUCCESS_SQL = """
+UPDATE ratelimits_ratelimit
+SET circuit_failures = 0, circuit_open_until = NULL
+WHERE exchange_id = %(exchange_id)s AND (circuit_failures <> 0 OR circuit_open_until IS NOT NULL)
+"""
+
+_CONFIGURE_SQL = """
+INSERT INTO ratelimits_ratelimit
+    (exchange_id, capacity, refill_per_second, tokens, updated_at, circuit_failures, granted, denied,
+     tokens_used, wait_seconds)
+VALUES (%(exchange_id)s, %(capacity)s, %(refill)s, %(capacity)s, clock_timestamp(), 0, 0, 0, 0, 0)
+ON CONFLICT (exchange_id) DO UPDATE
+SET capacity = EXCLUDED.capacity,
+    refill_per_second = EXCLUDED.refill_per_second,
+    tokens = LEAST(ratelimits_ratelimit.tokens, EXCLUDED.capacity)
+"""
+
+
+class RateLimitQuerySet(models.QuerySet):
+    def _postgres(self) -> bool:
+        return connections[self.db].vendor == "postgresql"
+
+    def _fetch(self, sql: str, params: dict) -> tuple | None:
+        with connections[self.db].cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchone() if cursor.description else None
+
+    def _locked(self, exchange_id: str) -> "RateLimit":
+        """The row, write-locked: FOR UPDATE where supported, the BEGIN IMMEDIATE lock on SQLite."""
+        return self.select_for_update().get(exchange_id=exchange_id)
+
+    def ensure(self, exchange_id: str) -> "RateLimit":
+        """The exchange's row, created from its connector (or the YAML default) if missing; race-safe."""
+        row = self.filter(exchange_id=exchange_id).first()
+        if row is not None:
+            return row
+        capacity, refill = _configured_limit(exchange_id)
+        try:
+            with transaction.atomic(using=self.db):
+                return self.create(
+                    exchange_id=exchange_id, capacity=capacity, refill_per_second=refill, tokens=capacity
+                )
+        except IntegrityError:
+            # Another process created it between our read and our insert: theirs is as good as ours.
+            return self.get(exchange_id=exchange_id)
+
+    def configure(self, exchange_id: str, capacity: float, refill_per_second: float) -> None:
+        """Create or update the bucket's size and refill rate, keeping the tokens already spent spent."""
+        if self._postgres():
+            self._fetch(_CONFIGURE_SQL, {"exchange_id": exchange_id, "capacity": capacity, "refill": refill_per_second})
+            return
+        with transaction.atomic(using=self.db):
+            row = self.select_for_update().filter(exchange_id=exchange_id).first()
+            if row is None:
+                self.create(
+                    exchange_id=exchange_id, capacity=capacity, refill_per_second=refill_per_second, tokens=capacity
+                )
+                return
+            row.capacity, row.refill_per_second, row.tokens = capacity, refill_per_second, min(row.tokens, capacity)
+            row.save(update_fields=["capacity", "refill_per_second", "tokens"])
+
+    def acquire_token(self, exchange_id: str, weight: float) -> float:
+        """Take `weight` from the exchange's bucket: 0.0 if granted, else the seconds to wait first.
+
+        Nothing is taken on a refusal, so the caller sleeps the returned time and asks again.
+        """
+        if weight <= 0:
+            raise ValueError(f"weight must be positive, got {weight!r}")
+        for _attempt in range(2):
+            outcome = self._acquire_once(exchange_id, weight)
+            if outcome is not None:
+                break
+            self.ensure(exchange_id)
+        else:  # pragma: no cover - the row was deleted between ensure() and the retry
+            raise RateLimit.DoesNotExist(f"no rate limit row for {exchange_id!r}")
+        ok, wait, capacity = outcome
+        if weight > capacity:
+            raise ValueError(
+                f"request weight {weight:g} exceeds the capacity {capacity:g} of the {exchange_id!r} rate limit "
+                "bucket: it could never be granted; raise the connector's burst or split the request"
+            )
+        (GRANTS if ok else DENIALS).labels(exchange_id).inc()
+        return 0.0 if ok else float(wait)
+
+    def _acquire_once(self, exchange_id: str, weight: float) -> tuple[bool, float, float] | None:
+        if self._postgres():
+            params = {"exchange_id": exchange_id, "weight": float(weight), "no_refill_wait": _NO_REFILL_WAIT}
+            return self._fetch(_ACQUIRE_SQL, params)
+        with transaction.atomic(using=self.db):
+            try:
+                row = self._locked(exchange_id)
+            except RateLimit.DoesNotExist:
+                return None
+            if weight > row.capacity:
+                return (False, 0.0, row.capacity)
+            decision = _decide(row, weight, timezone.now())
+            self.filter(pk=row.pk).update(
+                tokens=decision.tokens,
+                updated_at=decision.updated_at,
+                granted=F("granted") + int(decision.granted),
+                denied=F("denied") + int(not decision.granted),
+                tokens_used=F("tokens_used") + (weight if decision.granted else 0),
+            )
+            return (decision.granted, decision.wait, row.capacity)
+
+    def acquire(self, exchange_id: str, weight: float, timeout: float = 60.0) -> float:
+        """Block until `weight` is granted; returns the seconds waited.
+
+        Sleeps exactly the wait the bucket reports (no polling loop); another process may take the
+        refilled tokens first, in which case it asks again. Raises `RateLimitTimeout` without
+        sleeping when the next wait would pass `timeout`.
+        """
+        waited = 0.0
+        try:
+            while True:
+                wait = self.acquire_token(exchange_id, weight)
+                if wait <= 0:
+                    return waited
+                if waited + wait > timeout:
+                    raise RateLimitTimeout(exchange_id, weight, timeout, wait)
+                time.sleep(wait)
+                waited += wait
+        finally:
+            if waited > 0:
+                # One write per acquire rather than per sleep keeps the hot row's write rate down.
+                self.filter(exchange_id=exchange_id).update(wait_seconds=F("wait_seconds") + waited)
+                WAIT.labels(exchange_id).inc(waited)
+
+    def observe_used_weight(self, exchange_id: str, used_weight: float, limit: float) -> None:
+        """The exchange reported `used_weight` of its `limit` for the current minute (Binance
+        X-MBX-USED-WEIGHT-1M): drain the shared bucket so it never offers more than the exchange allows."""
+        remaining = float(limit) - float(used_weight)
+        self.ensure(exchange_id)
+        if self._postgres():
+            self._fetch(_OBSERVE_SQL, {"exchange_id": exchange_id, "remaining": remaining})
+            return
+        with transaction.atomic(using=self.db):
+            row = self._locked(exchange_id)
+            now = max(timezone.now(), row.updated_at)
+            refilled = min(row.capacity, row.tokens + (now - row.updated_at).total_seconds() * row.refill_per_second)
+            row.tokens, row.updated_at = max(0.0, min(refilled, remaining)), now
+            if remaining <= 0:
+                next_minute = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+                row.blocked_until = max(row.blocked_until or next_minute, next_minute)
+            row.save(update_fields=["tokens", "updated_at", "blocked_until"])
+
+    def block(self, exchange_id: str, seconds: float) -> None:
+        """The exchange answered 429/418 with Retry-After: every worker pauses for `seconds`."""
+        self.ensure(exchange_id)
+        if self._postgres():
+            self._fetch(_BLOCK_SQL, {"exchange_id": exchange_id, "seconds": float(seconds)})
+            return
+        with transaction.atomic(using=self.db):
+            row = self._locked(exchange_id)
+            now = timezone.now()
+            until = now + timedelta(seconds=seconds)
+            row.blocked_until = max(row.blocked_until or until, until)
+            row.tokens, row.updated_at = 0.0, max(row.updated_at, now)
+            row.save(update_fields=["blocked_until", "tokens", "updated_at"])
+
+    def record_failure(self, exchange_id: str, threshold: int = 5, cooldown: float = 60) -> bool:
+        """Count a transient failure against the exchange; True when this failure opened the circuit."""
+        self.ensure(exchange_id)
+        if self._postgres():
+            params = {"exchange_id": exchange_id, "threshold": threshold, "cooldown": float(cooldown)}
+            result = self._fetch(_FAILURE_SQL, params)
+            return bool(result and result[0])
+        with transaction.atomic(using=self.db):
+            row = self._locked(exchange_id)
+            now = timezone.now()
+            row.circuit_failures += 1
+            opened = row.circuit_failures >= threshold and (
+                row.circuit_open_until is None or row.circuit_open_until <= now
+            )
+            if opened:
+                row.circuit_open_until = now + timedelta(seconds=cooldown)
+            row.save(update_fields=["circuit_failures", "circuit_open_until"])
+            return opened
+
+    def record_success(self, exchange_id: str) -> None:
+        """A request succeeded: close the circuit and forget the failures."""
+        if self._postgres():
+            self._fetch(_SUCCESS_SQL, {"exchange_id": exchange_id})
+            return
+        self.filter(exchange_id=exchange_id).exclude(circuit_failures=0, circuit_open_until=None).update(
+            circuit_failures=0, circuit_open_until=None
+        )
 
 
 class RateLimit(models.Model):
@@ -24,8 +370,43 @@ class RateLimit(models.Model):
     tokens_used = models.FloatField(default=0.0)
     wait_seconds = models.FloatField(default=0.0, help_text="Total seconds callers waited for tokens.")
 
+    objects = RateLimitQuerySet.as_manager()
+
     class Meta:
         ordering = ["exchange_id"]
 
     def __str__(self) -> str:
         return self.exchange_id
+
+
+def _configured_limit(exchange_id: str) -> tuple[float, float]:
+    """(capacity, refill per second) from the exchange's connector, else the YAML default."""
+    from apps.connectors.models import Connector  # The connectors app imports this module's signals.
+    from datacollector.config import get_config
+
+    connector = Connector.objects.filter(exchange_id=exchange_id).first()
+    default = get_config().rate_limit_for(exchange_id)
+    if connector is None:
+        return float(default.burst), default.refill_per_second
+    burst = connector.rate_limit_burst if connector.rate_limit_burst is not None else default.burst
+    per_minute = connector.rate_limit_weight_per_minute
+    refill = per_minute / 60.0 if per_minute is not None else default.refill_per_second
+    return float(burst), refill
+
+
+@receiver(post_save, sender="connectors.Connector", dispatch_uid="ratelimits.sync_connector")
+def _sync_connector_limit(sender: type, instance: models.Model, raw: bool = False, using: str = "default", **kwargs):
+    """Keep the shared bucket's size and refill in step with the connector the operator edits."""
+    if raw:  # loaddata: the fixture carries its own rate limit rows
+        return
+    # Connector.save() has filled blank limits from collector.yaml already.
+    capacity, refill = float(instance.rate_limit_burst), instance.rate_limit_weight_per_minute / 60.0
+    RateLimit.objects.db_manager(router.db_for_write(RateLimit)).configure(instance.exchange_id, capacity, refill)
+
+
+def acquire_token(exchange_id: str, weight: float) -> float:
+    return RateLimit.objects.acquire_token(exchange_id, weight)
+
+
+def acquire(exchange_id: str, weight: float, timeout: float = 60.0) -> float:
+    return RateLimit.objects.acquire(exchange_id, weight, timeout=timeout)

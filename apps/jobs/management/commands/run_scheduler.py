@@ -1,0 +1,298 @@
+"""Claim due jobs, collect them, release them, forever (or until nothing is due, with --once).
+
+Any number of these processes, on any number of machines, share the work through the database:
+claims use SELECT ... FOR UPDATE SKIP LOCKED with a lease, so a worker that dies only delays its jobs
+until the lease expires. Each worker thread has its own database connection.
+"""
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import close_old_connections, connection
+from django.utils.module_loading import import_string
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from apps.connectors.exchanges import PermanentExchangeError
+from apps.jobs.models import Job, LeaseLost, Run
+from datacollector.config import get_config
+
+logger = logging.getLogger("apps.jobs.scheduler")
+
+DEFAULT_COLLECTOR = "apps.jobs.collect.collect_job"
+
+RUNS = Counter("dc_scheduler_runs_total", "Job runs finished by this process, by outcome.", ["outcome"])
+CANDLES_WRITTEN = Counter("dc_scheduler_candles_written_total", "Candles stored by this process's runs.")
+RUN_SECONDS = Histogram(
+    "dc_scheduler_run_duration_seconds",
+    "Wall time of one job run.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
+)
+BUSY = Gauge("dc_scheduler_busy_workers", "Worker threads of this process running a job right now.")
+
+Collector = Callable[[Job, Run, Callable[[], None]], Any]
+
+
+class Scheduler:
+    """The worker loop of one thread; `process_batch()` is the step tests call."""
+
+    def __init__(
+        self,
+        worker: str,
+        collector: Collector,
+        *,
+        batch_size: int,
+        lease_seconds: float,
+        schedule_delay_seconds: float,
+        backoff_base_seconds: float,
+        backoff_max_seconds: float,
+        stopping: threading.Event | None = None,
+    ) -> None:
+        self.worker = worker
+        self.collector = collector
+        self.batch_size = batch_size
+        self.lease_seconds = lease_seconds
+        self.schedule_delay_seconds = schedule_delay_seconds
+        self.backoff_base_seconds = backoff_base_seconds
+        self.backoff_max_seconds = backoff_max_seconds
+        self.stopping = stopping or threading.Event()
+
+    def process_batch(self) -> bool:
+        """Claim a batch and run it; True when something was claimed (call again at once)."""
+        runs = Job.objects.claim(self.worker, self.batch_size, self.lease_seconds)
+        for index, run in enumerate(runs):
+            if self.stopping.is_set():
+                self.release_unstarted(runs[index:])
+                break
+            self.execute(run)
+        return bool(runs)
+
+    def release_unstarted(self, runs: list[Run]) -> None:
+        for run in runs:
+            try:
+                run.release_unstarted()
+            except Exception:
+                # Not fatal: the lease expires and another worker takes the job anyway.
+                logger.exception("could not release job %s on shutdown", run.job_id, extra={"job_id": run.job_id})
+
+    def execute(self, run: Run) -> str:
+        """Run one claimed job and record its outcome; never raises for the job's own failures."""
+        job = run.job
+        started = time.monotonic()
+        result: Any = None
+        error = ""
+        try:
+            run.begin(self.lease_seconds)
+        except LeaseLost:
+            # It waited behind its batch longer than the lease and was reclaimed: not ours any more.
+            self._log(run, "lease_lost", result, started, "lease lost before start")
+            return "lease_lost"
+        BUSY.inc()
+        try:
+            result = self.collector(job, run, run.heartbeat(self.lease_seconds))
+        except LeaseLost as exc:
+            outcome, error = "lease_lost", str(exc)
+        except PermanentExchangeError as exc:
+            outcome, error = "error", str(exc) or type(exc).__name__
+            logger.warning(
+                "job %s stopped: %s", job.pk, error, extra={"job_id": job.pk, "worker": self.worker, "error": error}
+            )
+            partial = getattr(exc, "result", None)
+            self._record(lambda: run.fail_permanently(error, partial))
+        except Exception as exc:
+            outcome, error = "failed", f"{type(exc).__name__}: {exc}"
+            logger.exception("job %s failed", job.pk, extra={"job_id": job.pk, "worker": self.worker})
+            retry_after = getattr(exc, "retry_after", None)
+            partial = getattr(exc, "result", None)
+            self._record(
+                lambda: run.fail(
+                    error,
+                    self.backoff_base_seconds,
+                    self.backoff_max_seconds,
+                    retry_after if isinstance(retry_after, int | float) else None,
+                    partial,
+                )
+            )
+        else:
+            outcome = "success"
+            self._record(lambda: run.succeed(result, self.schedule_delay_seconds))
+        finally:
+            BUSY.dec()
+        if outcome == "success" and run.status != Run.Status.SUCCESS:
+            outcome = "lease_lost"
+        RUNS.labels(outcome).inc()
+        CANDLES_WRITTEN.inc(getattr(result, "candles_written", 0) or 0)
+        RUN_SECONDS.observe(time.monotonic() - started)
+        self._log(run, outcome, result, started, error)
+        return outcome
+
+    def _record(self, release: Callable[[], Any]) -> None:
+        try:
+            release()
+        except LeaseLost as exc:
+            # Our lease expired and another worker reclaimed the job; it owns the outcome now.
+            logger.warning("%s", exc, extra={"worker": self.worker})
+
+    def _log(self, run: Run, outcome: str, result: Any, started: float, error: str) -> None:
+        job = run.job
+        logger.info(
+            "run %s",
+            outcome,
+            extra={
+                "run_id": run.pk,
+                "job_id": job.pk,
+                "exchange": job.connector.exchange_id,
+                "symbol": job.symbol,
+                "timeframe": job.timeframe,
+                "worker": self.worker,
+                "outcome": outcome,
+                "candles_fetched": getattr(result, "candles_fetched", 0),
+                "candles_written": getattr(result, "candles_written", 0),
+                "requests": getattr(result, "requests", 0),
+                "rate_limit_wait": getattr(result, "rate_limit_wait", 0.0),
+                "duration_seconds": round(time.monotonic() - started, 4),
+                "error": error,
+            },
+        )
+
+
+class Command(BaseCommand):
+    help = "Run scheduler workers: claim due collection jobs, collect them and schedule their next run."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        defaults = get_config().scheduler
+        parser.add_argument("--once", action="store_true", help="Drain every job due now, then exit.")
+        parser.add_argument(
+            "--workers", type=int, default=defaults.workers, help=f"Worker threads (default {defaults.workers})."
+        )
+        parser.add_argument(
+            "--batch-size",
+            type=int,
+            default=defaults.batch_size,
+            help=f"Jobs claimed per transaction by one worker (default {defaults.batch_size}).",
+        )
+        parser.add_argument(
+            "--lease-seconds",
+            type=float,
+            default=defaults.lease_seconds,
+            help=f"A claim expires this long after its last heartbeat (default {defaults.lease_seconds}).",
+        )
+        parser.add_argument(
+            "--interval",
+            type=float,
+            default=defaults.interval_seconds,
+            help=f"Seconds to wait when nothing is due (default {defaults.interval_seconds}).",
+        )
+        parser.add_argument(
+            "--worker-id",
+            default=f"{socket.gethostname()}:{os.getpid()}",
+            help="Name of this process in leases and runs; must be unique (default host:pid).",
+        )
+        parser.add_argument(
+            "--collector",
+            default=DEFAULT_COLLECTOR,
+            help="Dotted path of the collect(job, run, heartbeat) function; for tests and benchmarks.",
+        )
+        parser.add_argument(
+            "--metrics-port",
+            type=int,
+            default=None,
+            help="Serve Prometheus metrics of this process on 127.0.0.1:PORT (default: off).",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        for name in ("workers", "batch_size"):
+            if options[name] < 1:
+                raise CommandError(f"--{name.replace('_', '-')} must be at least 1, got {options[name]}")
+        for name in ("lease_seconds", "interval"):
+            if options[name] <= 0:
+                raise CommandError(f"--{name.replace('_', '-')} must be greater than 0, got {options[name]}")
+        try:
+            collector = import_string(options["collector"])
+        except ImportError as exc:
+            raise CommandError(f"--collector {options['collector']!r} cannot be imported: {exc}") from exc
+        if options["metrics_port"] is not None:
+            server, _thread = start_http_server(options["metrics_port"], addr="127.0.0.1")
+            logger.info("metrics on 127.0.0.1:%s", server.server_port, extra={"port": server.server_port})
+        # Every worker opens its own connection; the main thread only supervises.
+        connection.close()
+
+        config = get_config().scheduler
+        self.stopping = threading.Event()
+        self.once = options["once"]
+        self.interval = options["interval"]
+        self.lease_seconds = options["lease_seconds"]
+        self._install_signal_handlers()
+        threads = []
+        for n in range(options["workers"]):
+            scheduler = Scheduler(
+                f"{options['worker_id']}/{n}",
+                collector,
+                batch_size=options["batch_size"],
+                lease_seconds=options["lease_seconds"],
+                schedule_delay_seconds=config.schedule_delay_seconds,
+                backoff_base_seconds=config.backoff_base_seconds,
+                backoff_max_seconds=config.backoff_max_seconds,
+                stopping=self.stopping,
+            )
+            thread = threading.Thread(target=self.work, args=(scheduler,), name=scheduler.worker, daemon=True)
+            thread.start()
+            threads.append(thread)
+        # join() with a timeout keeps the main thread responsive to signals.
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.2)
+
+    def _install_signal_handlers(self) -> None:
+        def handle_signal(signum: int, frame: Any) -> None:
+            if self.stopping.is_set():
+                logger.warning("second %s: exiting now", signal.Signals(signum).name)
+                os._exit(128 + signum)
+            logger.info(
+                "%s: finishing running jobs, releasing the others",
+                signal.Signals(signum).name,
+                extra={"signal": signum},
+            )
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, handle_signal)
+        signal.signal(signal.SIGINT, handle_signal)
+
+    def work(self, scheduler: Scheduler) -> None:
+        last_reap = 0.0
+        try:
+            while not self.stopping.is_set():
+                close_old_connections()
+                try:
+                    found = scheduler.process_batch()
+                except Exception:
+                    # The database went away or similar: log, wait, try again; never spin.
+                    logger.exception("scheduler step failed", extra={"worker": scheduler.worker})
+                    self.stopping.wait(self.interval)
+                    continue
+                if found:
+                    continue
+                if self.once:
+                    break
+                if time.monotonic() - last_reap > self.lease_seconds / 2:
+                    last_reap = time.monotonic()
+                    self._reap(scheduler.worker)
+                # Event.wait returns at once when a signal sets the flag.
+                self.stopping.wait(self.interval)
+        finally:
+            connection.close()
+
+    def _reap(self, worker: str) -> None:
+        try:
+            closed = Run.objects.close_orphaned()
+        except Exception:
+            logger.exception("closing orphaned runs failed", extra={"worker": worker})
+            return
+        if closed:
+            logger.info("closed %s orphaned runs", closed, extra={"worker": worker, "closed": closed})
