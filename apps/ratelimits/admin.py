@@ -46,7 +46,7 @@ class RateLimitAdmin(admin.ModelAdmin):
         state = circuit_state(rate_limit)
         if state == "open":
             return format_html(
-                '<strong style="color:#ba2121">open</strong> until {:%H:%M:%S}', rate_limit.circuit_open_until
+                '<strong style="color:#ba2121">open</strong> until {}', f"{rate_limit.circuit_open_until:%H:%M:%S} UTC"
             )
         blocked = rate_limit.blocked_until is not None and rate_limit.blocked_until > timezone.now()
         return "closed (exchange asked to back off)" if blocked else "closed"
