@@ -1,9 +1,478 @@
-"""Indicators (RSI, EMA, SMA, MACD, Bollinger) computed with `ta` after each collection.
+"""Indicators (SMA, EMA, RSI, MACD, Bollinger Bands) computed with `ta` after each collection.
 
-Placeholder: the indicators issue fills this in. Collection calls `update_indicators` after upserting.
+The set comes from `get_config().indicators`; every configured period becomes columns of one row per
+candle, keyed like the candle (exchange_id, symbol, timeframe, ts):
+
+    sma_<n>, ema_<n>, rsi_<n>
+    macd, macd_signal, macd_hist                    MACD 12/26/9
+    macd_<f>_<s>_<g>, macd_signal_<f>_<s>_<g>, ...   any other MACD
+    bb_upper, bb_middle, bb_lower                   Bollinger 20/2
+    bb_upper_<n>_<k>, ...                           any other; a fractional k is written with "p" for
+                                                    the point (bb_upper_10_1p5), because MongoDB field
+                                                    names must not contain dots.
+
+Correctness. `ta` seeds its exponential averages with the first value of the series (EMA, MACD) or
+with zero (RSI's Wilder averages), where the textbook definition (Wilder; TA-Lib) seeds them with the
+simple average of the first n values. The two differ by a seed error that afterwards decays like
+(1 - alpha)^k. A value is stored only from the first index where that error is provably below
+EPSILON (1e-10, two orders under the 1e-8 promise, one under the 1e-9 incremental one) given a
+generous bound on the seed error: PRICE_SEED_BOUND times the close for price-like values, and
+RSI_SEED_BOUND points for RSI (100 points times 100 for a drop in volatility after the seed).
+Before that index the column is null, never 0 or NaN. In practice:
+
+    SMA, Bollinger   from the first full window (ta and the textbook agree exactly)
+    EMA n            from n-1 + ln(B/eps)/-ln(1-2/(n+1)) ~ 13x n (EMA 12: 163, EMA 50: 682)
+    MACD f/s/g       macd like the slow EMA (~14x s); signal and histogram a little later, because
+                     the signal averages the converging line (MACD 12/26/9: 364 and 419)
+    RSI n            n + ln(B/eps)/-ln(1-1/n) price changes (~32x n; RSI 14: 450)
+
+RSI counts price changes, not candles: in a flat stretch Wilder's averages shrink at the same rate,
+so their ratio (the RSI) and the relative seed error stay exactly where they were. For the same reason
+a flat stretch holds the RSI at its last value (computed that way here, so ten thousand flat candles
+cannot underflow the averages into 0/0). Before a series has moved at all, gains and losses are both
+zero: the RSI is 50 by convention here, the neutral value (TA-Lib says 0 and `ta` says 100 for that
+0/0; neither is a measurement). If the first n changes of a series are all zero the seed is exact and
+the RSI is stored from index n. Bollinger Bands of a flat window are the price itself (std 0).
+
+Incremental. An update from `from_ts` reads enough history before it (`IndicatorSet.warmup`, plus,
+for RSI, enough price changes) that `ta` restarted there agrees with the full recompute to 1e-10,
+recomputes to the end of the series (every EMA value after a revised candle changes) and upserts rows
+from `from_ts` on. When the history before `from_ts` is shorter than the warm-up, the window starts
+at the series start, so the null prefix is always counted from the series start.
 """
+
+import dataclasses
+import functools
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from django.db import connection
+from pymongo import UpdateOne
+from ta.momentum import RSIIndicator
+from ta.trend import MACD, EMAIndicator, SMAIndicator
+from ta.volatility import BollingerBands
+
+from apps.connectors.exchanges import timeframe_ms
+from apps.marketdata import store
+from apps.marketdata.models import IndicatorRow
+from datacollector.config import BollingerConfig, IndicatorConfig, MacdConfig, get_config
+
+EPSILON = 1e-10
+PRICE_SEED_BOUND = 10.0
+RSI_SEED_BOUND = 1e4
+
+# Rows per write: PostgreSQL takes a batch as one array per column, MongoDB as one bulk message (kept
+# well under its 48 MB cap), the ORM fallback as one multi-row INSERT.
+POSTGRES_BATCH = 5_000
+MONGO_BATCH = 1_000
+SQL_BATCH = 500
+
+DEFAULT_MACD = MacdConfig()
+DEFAULT_BOLLINGER = BollingerConfig()
+
+
+def decay_horizon(alpha: float, bound: float, epsilon: float = EPSILON) -> int:
+    """Steps k after which a seed error of at most `bound` has decayed below `epsilon`: (1-alpha)^k * bound."""
+    return math.ceil(math.log(bound / epsilon) / -math.log1p(-alpha))
+
+
+def _signal_horizon(macd: MacdConfig, epsilon: float = EPSILON) -> int:
+    """Steps after the slow EMA's seed until the MACD signal's error is below `epsilon`.
+
+    The signal is an EMA (rate a) of the MACD line, so its error is its own seed error decaying like
+    (1-a)^k plus the line's seed error filtered through it: sum_j a (1-a)^j e(k-j) with
+    e(i) <= 2B r_slow^i, which is at most a (k+1) 2B r^k for r the slower of the two rates. The bound
+    is not monotone at first (the (k+1) factor), so the horizon starts past its peak.
+    """
+    bound = 2 * PRICE_SEED_BOUND
+    a = _ema_alpha(macd.signal)
+    r = max(1 - _ema_alpha(macd.slow), 1 - a)
+    k = math.ceil(-1 / math.log(r))
+    while bound * (a * (k + 1) * r**k + (1 - a) ** k) >= epsilon:
+        k += 1
+    return k
+
+
+def _ema_alpha(period: int) -> float:
+    return 2.0 / (period + 1)
+
+
+def _std_label(std: float) -> str:
+    return f"{std:g}".replace(".", "p")
+
+
+def macd_columns(macd: MacdConfig) -> tuple[str, str, str]:
+    suffix = "" if macd == DEFAULT_MACD else f"_{macd.fast}_{macd.slow}_{macd.signal}"
+    return f"macd{suffix}", f"macd_signal{suffix}", f"macd_hist{suffix}"
+
+
+def bollinger_columns(bollinger: BollingerConfig) -> tuple[str, str, str]:
+    same = bollinger.period == DEFAULT_BOLLINGER.period and bollinger.std == DEFAULT_BOLLINGER.std
+    suffix = "" if same else f"_{bollinger.period}_{_std_label(bollinger.std)}"
+    return f"bb_upper{suffix}", f"bb_middle{suffix}", f"bb_lower{suffix}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """One stored column and the first index (from the start of the computed series) where it is stable.
+
+    `changes` is non-zero for RSI only: the column is stable at index t >= stable_from when at least
+    that many price changes happened in (seed, t], where seed = stable_from.
+    """
+
+    name: str
+    stable_from: int
+    changes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class IndicatorSet:
+    """The configured indicators: their columns, stability horizons and the computation itself."""
+
+    config: IndicatorConfig
+
+    @functools.cached_property
+    def columns(self) -> tuple[Column, ...]:
+        return _columns(self.config)
+
+    @property
+    def names(self) -> list[str]:
+        return [column.name for column in self.columns]
+
+    @property
+    def warmup(self) -> int:
+        """Candles of history an update needs before its first row (the slowest horizon)."""
+        return max((c.stable_from for c in self.columns), default=0)
+
+    @property
+    def warmup_changes(self) -> int:
+        """Price changes that history must also contain, counted after the RSI seed (0 without RSI)."""
+        return max((c.changes for c in self.columns), default=0)
+
+    def has_enough_changes(self, close: np.ndarray) -> bool:
+        """Whether the history `close` holds the price changes every RSI needs after its seed."""
+        changes = _changes(close)
+        return all(
+            len(close) > c.stable_from and changes[-1] - changes[c.stable_from] >= c.changes
+            for c in self.columns
+            if c.changes
+        )
+
+    def compute(self, close: np.ndarray, at_series_start: bool = True) -> dict[str, np.ndarray]:
+        """Column name -> float array aligned with `close`, NaN where not (yet) stable.
+
+        `at_series_start` says whether close[0] is the first candle of the series; only then is a flat
+        RSI seed known to be exact (otherwise a flat window start hides the state before it).
+        """
+        close = np.asarray(close, dtype=float)
+        series = pd.Series(close, copy=False)
+        changes = _changes(close)
+        index = np.arange(len(close))
+        out: dict[str, np.ndarray] = {}
+        stability = {c.name: c for c in self.columns}
+
+        def put(name: str, values: pd.Series | np.ndarray) -> None:
+            values = np.asarray(values, dtype=float)
+            column = stability[name]
+            stable = index >= column.stable_from
+            if column.changes:
+                seed = column.stable_from
+                if len(close) > seed:
+                    enough = changes - changes[seed] >= column.changes
+                    exact_seed = at_series_start and changes[seed] == 0
+                    stable &= enough | exact_seed
+                else:
+                    stable[:] = False
+            out[name] = np.where(stable, values, np.nan)
+
+        for period in _unique(self.config.sma):
+            put(f"sma_{period}", SMAIndicator(series, window=period).sma_indicator())
+        for period in _unique(self.config.ema):
+            put(f"ema_{period}", EMAIndicator(series, window=period).ema_indicator())
+        for period in _unique(self.config.rsi):
+            put(f"rsi_{period}", _held_rsi(RSIIndicator(series, window=period).rsi().to_numpy(), changes, period))
+        for macd in _unique(self.config.macd):
+            line, signal, hist = macd_columns(macd)
+            indicator = MACD(series, window_slow=macd.slow, window_fast=macd.fast, window_sign=macd.signal)
+            put(line, indicator.macd())
+            put(signal, indicator.macd_signal())
+            put(hist, indicator.macd_diff())
+        for bollinger in _unique(self.config.bollinger):
+            upper, middle, lower = bollinger_columns(bollinger)
+            indicator = BollingerBands(series, window=bollinger.period, window_dev=bollinger.std)
+            put(upper, indicator.bollinger_hband())
+            put(middle, indicator.bollinger_mavg())
+            put(lower, indicator.bollinger_lband())
+        return {name: out[name] for name in self.names}
+
+
+def _unique(items: Iterable) -> list:
+    return list(dict.fromkeys(items))
+
+
+def _changes(close: np.ndarray) -> np.ndarray:
+    """changes[t] = number of candles in [1, t] whose close differs from the previous close."""
+    moved = np.empty(len(close), dtype=np.int64)
+    if len(close):
+        moved[0] = 0
+        moved[1:] = close[1:] != close[:-1]
+    return np.cumsum(moved)
+
+
+def _held_rsi(rsi: np.ndarray, changes: np.ndarray, period: int) -> np.ndarray:
+    """`ta`'s RSI with flat candles holding the previous value and 50 before the first price change.
+
+    Holding is exact arithmetic (both Wilder averages shrink by the same factor on a flat candle); it
+    only differs from `ta` once a very long flat stretch underflows the averages, where `ta` jumps to
+    100. `ta`'s first value (index period-1) is kept as it is: it has no predecessor to hold.
+    """
+    n = len(rsi)
+    if n < period:
+        return np.full(n, np.nan)
+    moved = np.empty(n, dtype=bool)
+    moved[0] = False
+    moved[1:] = changes[1:] != changes[:-1]
+    keep = moved.copy()
+    keep[period - 1] = True
+    values = np.where(keep, rsi, np.nan)
+    values[(changes == 0) & (np.arange(n) >= period - 1)] = 50.0
+    values[: period - 1] = np.nan
+    return pd.Series(values, copy=False).ffill().to_numpy()
+
+
+def _columns(config: IndicatorConfig) -> tuple[Column, ...]:
+    columns: list[Column] = []
+    for period in _unique(config.sma):
+        columns.append(Column(f"sma_{period}", period - 1))
+    for period in _unique(config.ema):
+        columns.append(Column(f"ema_{period}", period - 1 + decay_horizon(_ema_alpha(period), PRICE_SEED_BOUND)))
+    for period in _unique(config.rsi):
+        columns.append(Column(f"rsi_{period}", period, decay_horizon(1.0 / period, RSI_SEED_BOUND)))
+    for macd in _unique(config.macd):
+        line, signal, hist = macd_columns(macd)
+        # The line is the difference of two EMAs: twice the bound, decaying at the slower rate.
+        line_from = macd.slow - 1 + decay_horizon(_ema_alpha(macd.slow), 2 * PRICE_SEED_BOUND)
+        signal_from = macd.slow - 1 + _signal_horizon(macd)
+        columns += [Column(line, line_from), Column(signal, signal_from), Column(hist, signal_from)]
+    for bollinger in _unique(config.bollinger):
+        columns += [Column(name, bollinger.period - 1) for name in bollinger_columns(bollinger)]
+    return tuple(columns)
+
+
+def indicator_set(config: IndicatorConfig | None = None) -> IndicatorSet:
+    return IndicatorSet(config if config is not None else get_config().indicators)
+
+
+# --- Storage ----------------------------------------------------------------------------------------
 
 
 def update_indicators(exchange_id: str, symbol: str, timeframe: str, from_ts: int) -> int:
-    """Recompute and store indicators for candles at or after `from_ts` (with warm-up); returns rows written."""
-    return 0
+    """Recompute and store indicators for every candle at or after `from_ts`; returns the rows upserted.
+
+    Collection calls this once per run with the earliest ts it wrote (new, revised or gap-filling
+    candles): every value from there to the end of the series depends on it. History before `from_ts`
+    is read only as warm-up. Upserts are keyed like candles, so running it twice changes nothing.
+    """
+    return _recompute(exchange_id, symbol, timeframe, from_ts, indicator_set())
+
+
+def recompute_series(exchange_id: str, symbol: str, timeframe: str, config: IndicatorConfig | None = None) -> int:
+    """Rebuild a series' indicators from scratch: every row rewritten with exactly the configured columns.
+
+    Rows whose candle no longer exists (before the first or after the last stored candle) are deleted.
+    """
+    first = store.first_ts(exchange_id, symbol, timeframe)
+    if first is None:
+        delete_indicators(exchange_id, symbol, timeframe)
+        return 0
+    written = _recompute(exchange_id, symbol, timeframe, first, indicator_set(config))
+    last = store.last_ts(exchange_id, symbol, timeframe)
+    delete_indicators(exchange_id, symbol, timeframe, end_ts=first - 1)
+    if last is not None:
+        delete_indicators(exchange_id, symbol, timeframe, start_ts=last + 1)
+    return written
+
+
+def _recompute(exchange_id: str, symbol: str, timeframe: str, from_ts: int, indicators: IndicatorSet) -> int:
+    history, at_series_start = _warmup_history(exchange_id, symbol, timeframe, from_ts, indicators)
+    ts, close = _read_closes(exchange_id, symbol, timeframe, from_ts)
+    if not len(ts):
+        return 0
+    values = indicators.compute(np.concatenate([history, close]), at_series_start=at_series_start)
+    skip = len(history)
+    columns = {name: column[skip:] for name, column in values.items()}
+    write_indicators(exchange_id, symbol, timeframe, ts, columns)
+    return len(ts)
+
+
+def _warmup_history(
+    exchange_id: str, symbol: str, timeframe: str, from_ts: int, indicators: IndicatorSet
+) -> tuple[np.ndarray, bool]:
+    """Closes before `from_ts` that an update needs, and whether they start at the series' first candle.
+
+    Enough means `indicators.warmup` candles holding the price changes RSI needs. The store reads by
+    time, so the span is a guess in candles (exact for a series without gaps) that widens until it
+    holds enough or reaches the series start.
+    """
+    step = timeframe_ms(timeframe)
+    span = indicators.warmup + 1
+    while True:
+        start = from_ts - span * step
+        _, close = _read_closes(exchange_id, symbol, timeframe, start, from_ts - 1)
+        if len(close) >= indicators.warmup and indicators.has_enough_changes(close):
+            return close, False
+        first = store.first_ts(exchange_id, symbol, timeframe)
+        if first is None or first >= start:
+            return close, True
+        span *= 4
+
+
+def _read_closes(
+    exchange_id: str, symbol: str, timeframe: str, start_ts: int, end_ts: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    ts: list[int] = []
+    close: list[float] = []
+    for row in store.iter_candles(exchange_id, symbol, timeframe, start_ts, end_ts):
+        ts.append(row[0])
+        close.append(row[4])
+    return np.array(ts, dtype=np.int64), np.array(close, dtype=float)
+
+
+def write_indicators(
+    exchange_id: str, symbol: str, timeframe: str, ts: np.ndarray, columns: dict[str, np.ndarray]
+) -> None:
+    """Upsert one row per ts whose `values` are exactly `columns` (NaN stored as null)."""
+    if store.uses_mongo():
+        _mongo_write(exchange_id, symbol, timeframe, ts, columns)
+    elif connection.vendor == "postgresql":
+        _postgres_write(exchange_id, symbol, timeframe, ts, columns)
+    else:
+        _orm_write(exchange_id, symbol, timeframe, ts, columns)
+
+
+def _rows(ts: np.ndarray, columns: dict[str, np.ndarray]) -> Iterable[tuple[int, dict[str, float | None]]]:
+    names = list(columns)
+    # One list of Python floats per column, then NaN -> None, is much faster than per-cell numpy access.
+    lists = [[None if math.isnan(v) else v for v in columns[name].tolist()] for name in names]
+    for i, key in enumerate(ts.tolist()):
+        yield key, {name: values[i] for name, values in zip(names, lists, strict=True)}
+
+
+def _postgres_write(
+    exchange_id: str, symbol: str, timeframe: str, ts: np.ndarray, columns: dict[str, np.ndarray]
+) -> None:
+    """INSERT ... ON CONFLICT DO UPDATE per batch, the values built in SQL from one float8 array per column.
+
+    No JSON is serialised in Python: jsonb_build_object turns each float8 (NULLIF'd from NaN, since
+    jsonb has no NaN) into a number with PostgreSQL's shortest exact representation. A row whose values
+    are unchanged is not rewritten (no dead tuple), so a repeated update costs reads only.
+    """
+    table = IndicatorRow._meta.db_table
+    names = list(columns)
+    aliases = [f"c{i}" for i in range(len(names))]
+    pairs = ", ".join(f"%s::text, NULLIF(r.{alias}, 'NaN'::float8)" for alias in aliases)
+    arrays = ", ".join(["%s::bigint[]"] + ["%s::float8[]"] * len(names))
+    sql = f"""
+        INSERT INTO {table} AS i (exchange_id, symbol, timeframe, ts, "values")
+        SELECT %s, %s, %s, r.ts, jsonb_build_object({pairs})
+        FROM unnest({arrays}) AS r(ts, {", ".join(aliases)})
+        ON CONFLICT (exchange_id, symbol, timeframe, ts) DO UPDATE SET "values" = EXCLUDED."values"
+        WHERE i."values" IS DISTINCT FROM EXCLUDED."values"
+    """
+    with connection.cursor() as cursor:
+        for start in range(0, len(ts), POSTGRES_BATCH):
+            stop = start + POSTGRES_BATCH
+            params: list[Any] = [exchange_id, symbol, timeframe, *names, ts[start:stop].tolist()]
+            params += [columns[name][start:stop].tolist() for name in names]
+            cursor.execute(sql, params)
+
+
+def _orm_write(exchange_id: str, symbol: str, timeframe: str, ts: np.ndarray, columns: dict[str, np.ndarray]) -> None:
+    rows = [
+        IndicatorRow(exchange_id=exchange_id, symbol=symbol, timeframe=timeframe, ts=key, values=values)
+        for key, values in _rows(ts, columns)
+    ]
+    IndicatorRow.objects.bulk_create(
+        rows,
+        batch_size=SQL_BATCH,
+        update_conflicts=True,
+        unique_fields=["exchange_id", "symbol", "timeframe", "ts"],
+        update_fields=["values"],
+    )
+
+
+def _mongo_write(exchange_id: str, symbol: str, timeframe: str, ts: np.ndarray, columns: dict[str, np.ndarray]) -> None:
+    collection = store.get_mongo_db()[store.INDICATORS]
+    operations = [
+        UpdateOne(
+            {"exchange_id": exchange_id, "symbol": symbol, "timeframe": timeframe, "ts": key},
+            {"$set": {"values": values}},
+            upsert=True,
+        )
+        for key, values in _rows(ts, columns)
+    ]
+    for start in range(0, len(operations), MONGO_BATCH):
+        collection.bulk_write(operations[start : start + MONGO_BATCH], ordered=False)
+
+
+def delete_indicators(
+    exchange_id: str, symbol: str, timeframe: str, start_ts: int | None = None, end_ts: int | None = None
+) -> int:
+    """Delete a series' indicator rows (within the inclusive bounds, if given); returns how many."""
+    if store.uses_mongo():
+        query = _series_query(exchange_id, symbol, timeframe, start_ts, end_ts)
+        return store.get_mongo_db()[store.INDICATORS].delete_many(query).deleted_count
+    deleted, _ = _sql_rows(exchange_id, symbol, timeframe, start_ts, end_ts).delete()
+    return deleted
+
+
+def read_indicators(
+    exchange_id: str,
+    symbol: str,
+    timeframe: str,
+    start_ts: int | None = None,
+    end_ts: int | None = None,
+    limit: int | None = None,
+) -> list[tuple[int, dict[str, float | None]]]:
+    """Stored rows (ts, values) in ascending ts, bounds inclusive, at most `limit` of them."""
+    if limit is not None and limit <= 0:
+        return []
+    if store.uses_mongo():
+        cursor = (
+            store.get_mongo_db()[store.INDICATORS]
+            .find(_series_query(exchange_id, symbol, timeframe, start_ts, end_ts), {"_id": 0, "ts": 1, "values": 1})
+            .sort("ts", 1)
+        )
+        if limit is not None:
+            cursor = cursor.limit(limit)
+        return [(doc["ts"], doc.get("values") or {}) for doc in cursor]
+    queryset = _sql_rows(exchange_id, symbol, timeframe, start_ts, end_ts).order_by("ts")
+    if limit is not None:
+        queryset = queryset[:limit]
+    return list(queryset.values_list("ts", "values"))
+
+
+def _series_query(
+    exchange_id: str, symbol: str, timeframe: str, start_ts: int | None, end_ts: int | None
+) -> dict[str, Any]:
+    query: dict[str, Any] = {"exchange_id": exchange_id, "symbol": symbol, "timeframe": timeframe}
+    bounds = {}
+    if start_ts is not None:
+        bounds["$gte"] = start_ts
+    if end_ts is not None:
+        bounds["$lte"] = end_ts
+    if bounds:
+        query["ts"] = bounds
+    return query
+
+
+def _sql_rows(exchange_id: str, symbol: str, timeframe: str, start_ts: int | None, end_ts: int | None):
+    queryset = IndicatorRow.objects.filter(exchange_id=exchange_id, symbol=symbol, timeframe=timeframe)
+    if start_ts is not None:
+        queryset = queryset.filter(ts__gte=start_ts)
+    if end_ts is not None:
+        queryset = queryset.filter(ts__lte=end_ts)
+    return queryset
