@@ -1,18 +1,41 @@
 """Exchange clients: the `ExchangeClient` protocol, the ccxt client, the offline `simulated` exchange,
 and the classification of exchange errors into transient (retry) and permanent (stop the job).
+
+Every request a client makes goes through `_Guard.call()`: check the exchange's shared circuit breaker,
+take the request's weight from the shared rate limit (`RateLimit.objects.acquire`), send, feed what the
+exchange says about its own limit back to the shared bucket, classify errors, and retry transient ones
+with exponential backoff and jitter. The bucket and the breaker live in the database, so every worker on
+every machine backs off together; nothing here is process state another worker needs.
 """
 
+import copy
+import dataclasses
 import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import random
 import re
-from typing import Protocol
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import ccxt
+import tenacity
 
 SIMULATED = "simulated"
 
 SIMULATED_TIMEFRAMES = ("1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d", "1w")
 
 _TIMEFRAME_RE = re.compile(r"^[1-9][0-9]*[smhdwMy]$")
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ExchangeError(Exception):
@@ -33,6 +56,7 @@ class PermanentExchangeError(ExchangeError):
 
 class ExchangeClient(Protocol):
     exchange_id: str
+    stats: "RequestStats"
 
     def fetch_ohlcv(self, symbol: str, timeframe: str, since_ms: int, limit: int) -> list[list[float]]: ...
 
@@ -75,3 +99,493 @@ def is_valid_timeframe_syntax(timeframe: str) -> bool:
 def timeframe_ms(timeframe: str) -> int:
     """Length of one candle in milliseconds (a month counts as 31 days, as in ccxt)."""
     return int(ccxt.Exchange.parse_timeframe(timeframe) * 1000)
+
+
+# --- Retry policy, circuit breaker, error classification -------------------------------------------
+
+
+@dataclasses.dataclass
+class RetryPolicy:
+    """How one request is retried inside a client before the error reaches the scheduler."""
+
+    attempts: int = 5
+    initial_seconds: float = 0.5
+    max_seconds: float = 30.0
+    # Longest wait for the shared rate limit before giving up on this run (the scheduler retries later).
+    acquire_timeout_seconds: float = 120.0
+    # Consecutive transient failures, across every worker, that open an exchange's circuit, and for how long.
+    circuit_threshold: int = 8
+    circuit_cooldown_seconds: float = 60.0
+
+
+# Module-level so tests and benchmarks can shorten the waits; production uses the defaults.
+RETRY_POLICY = RetryPolicy()
+
+
+@dataclasses.dataclass
+class RequestStats:
+    """What one client did; collection reads the difference over a run."""
+
+    requests: int = 0
+    failures: int = 0
+    rate_limited: int = 0  # 429/418 answers: zero when the shared limiter does its job
+    rate_limit_wait: float = 0.0  # seconds spent waiting for the shared bucket
+
+    def snapshot(self) -> "RequestStats":
+        return dataclasses.replace(self)
+
+
+class _Retryable(TransientExchangeError):
+    """A transient error worth retrying at once inside the client (network trouble, not unknown errors)."""
+
+
+# Permanent: nothing a retry can change. Checked before the transient branch because ccxt's tree is
+# not clean (an error class can move between versions); anything unlisted is treated as transient.
+_PERMANENT = (
+    ccxt.AuthenticationError,
+    ccxt.BadRequest,  # includes BadSymbol
+    ccxt.ArgumentsRequired,
+    ccxt.NotSupported,
+    ccxt.InvalidOrder,
+    ccxt.InsufficientFunds,
+    ccxt.InvalidAddress,
+    ccxt.OperationRejected,
+    ccxt.InvalidProxySettings,
+    ccxt.ExchangeClosedByUser,
+)
+
+_HINTS: list[tuple[type[Exception], str]] = [
+    (ccxt.BadSymbol, "the exchange does not list this symbol; check the job's symbol against its markets"),
+    (ccxt.AuthenticationError, "the exchange rejected the credentials; check the API key environment variables"),
+    (ccxt.NotSupported, "the exchange does not support this request through ccxt"),
+    (ccxt.BadRequest, "the exchange rejected the request as invalid; check the job's symbol and timeframe"),
+    (ccxt.OperationRejected, "the exchange refused the request"),
+    (ccxt.DDoSProtection, "rate limited by the exchange"),
+    (ccxt.RequestTimeout, "the request timed out"),
+    (ccxt.ExchangeNotAvailable, "the exchange is unavailable"),
+    (ccxt.NetworkError, "network error"),
+]
+
+
+def _describe(exchange_id: str, exc: BaseException) -> str:
+    hint = next((text for cls, text in _HINTS if isinstance(exc, cls)), "exchange error")
+    detail = str(exc).strip()
+    if len(detail) > 300:
+        detail = detail[:300] + "…"
+    return f"{exchange_id}: {hint} ({type(exc).__name__}: {detail})"
+
+
+def classify(exchange_id: str, exc: BaseException, retry_after: float | None = None) -> ExchangeError:
+    """Map a ccxt (or parsing) exception to our two kinds, with a message the operator can act on."""
+    if isinstance(exc, ExchangeError):
+        return exc
+    message = _describe(exchange_id, exc)
+    if isinstance(exc, _PERMANENT):
+        return PermanentExchangeError(message)
+    if isinstance(exc, ccxt.NetworkError | ccxt.BadResponse | ccxt.NullResponse):
+        return _Retryable(message, retry_after)
+    # Unknown exchange errors (ccxt.ExchangeError with an unmapped code) and malformed bodies ccxt could
+    # not parse: not worth hammering at once, but the scheduler retries the job later with backoff.
+    return TransientExchangeError(message, retry_after)
+
+
+def _retry_after_seconds(headers: Any) -> float | None:
+    if not headers:
+        return None
+    value = headers.get("Retry-After") or headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+class _Guard:
+    """The shared limiter, the circuit breaker and the retries around every request of one exchange."""
+
+    def __init__(self, exchange_id: str, weight_limit_per_minute: int | None) -> None:
+        self.exchange_id = exchange_id
+        self.weight_limit_per_minute = weight_limit_per_minute
+        self.stats = RequestStats()
+
+    def call(self, weight: int, send: Callable[[], T], headers: Callable[[], Any] = lambda: None) -> T:
+        policy = RETRY_POLICY
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            backoff = tenacity.wait_exponential_jitter(initial=policy.initial_seconds, max=policy.max_seconds)(state)
+            exc = state.outcome.exception() if state.outcome else None
+            retry_after = getattr(exc, "retry_after", None) or 0.0
+            return max(backoff, retry_after)
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(policy.attempts),
+            wait=wait,
+            retry=tenacity.retry_if_exception_type(_Retryable),
+            reraise=True,
+        )
+        try:
+            return retrying(self._attempt, weight, send, headers, policy)
+        except _Retryable as exc:
+            # Surface a plain transient error: the retries are spent, the scheduler takes over.
+            raise TransientExchangeError(str(exc), exc.retry_after) from exc
+
+    def _attempt(self, weight: int, send: Callable[[], T], headers: Callable[[], Any], policy: RetryPolicy) -> T:
+        from apps.ratelimits.models import RateLimit
+
+        self._check_circuit()
+        self.stats.rate_limit_wait += RateLimit.objects.acquire(
+            self.exchange_id, weight, policy.acquire_timeout_seconds
+        )
+        self.stats.requests += 1
+        try:
+            result = send()
+        except Exception as exc:
+            response_headers = headers()
+            self._observe(response_headers)
+            retry_after = _retry_after_seconds(response_headers)
+            if isinstance(exc, ccxt.DDoSProtection):
+                self.stats.rate_limited += 1
+                # The exchange asked every caller to back off: pause the shared bucket, not just us.
+                RateLimit.objects.block(self.exchange_id, retry_after if retry_after is not None else 60.0)
+            error = classify(self.exchange_id, exc, retry_after)
+            if isinstance(error, PermanentExchangeError):
+                raise error from exc
+            self.stats.failures += 1
+            opened = RateLimit.objects.record_failure(
+                self.exchange_id, policy.circuit_threshold, policy.circuit_cooldown_seconds
+            )
+            if opened:
+                logger.warning("circuit opened for %s after repeated failures: %s", self.exchange_id, error)
+                raise TransientExchangeError(
+                    f"{error} (circuit opened for {policy.circuit_cooldown_seconds:.0f}s)",
+                    policy.circuit_cooldown_seconds,
+                ) from exc
+            if isinstance(error, _Retryable) and retry_after is not None and retry_after > policy.max_seconds:
+                # A long ban (418) is the scheduler's business, not a sleep inside a worker.
+                raise TransientExchangeError(str(error), retry_after) from exc
+            raise error from exc
+        self._observe(headers())
+        RateLimit.objects.record_success(self.exchange_id)
+        return result
+
+    def _check_circuit(self) -> None:
+        from django.utils import timezone
+
+        from apps.ratelimits.models import RateLimit
+
+        now = timezone.now()
+        open_until = (
+            RateLimit.objects.filter(exchange_id=self.exchange_id, circuit_open_until__gt=now)
+            .values_list("circuit_open_until", flat=True)
+            .first()
+        )
+        if open_until is not None:
+            seconds = (open_until - now).total_seconds()
+            raise TransientExchangeError(
+                f"{self.exchange_id}: circuit open after repeated failures; no requests for {seconds:.0f}s more",
+                seconds,
+            )
+
+    def _observe(self, headers: Any) -> None:
+        if not headers or not self.weight_limit_per_minute:
+            return
+        used = headers.get("X-MBX-USED-WEIGHT-1M") or headers.get("x-mbx-used-weight-1m")
+        if used is None:
+            return
+        from apps.ratelimits.models import RateLimit
+
+        try:
+            RateLimit.objects.observe_used_weight(self.exchange_id, int(used), self.weight_limit_per_minute)
+        except ValueError:
+            logger.warning("%s sent an unreadable used-weight header: %r", self.exchange_id, used)
+
+
+# --- ccxt ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ExchangeProfile:
+    """What ccxt does not say precisely enough: the weight our requests cost and how large a page is."""
+
+    klines_weight: int = 1
+    page_limit: int | None = None  # None: ccxt's features, else 500
+    markets_weight: int = 1
+    time_weight: int = 1
+    # Options merged UNDER the connector's (the connector wins), keeping ccxt to what collection needs.
+    default_config: dict = dataclasses.field(default_factory=dict)
+
+
+PROFILES: dict[str, ExchangeProfile] = {
+    # Binance spot: GET /api/v3/klines weighs 2 whatever the limit and returns at most 1,000 rows;
+    # exchangeInfo weighs 20, time 1. Markets are loaded for spot only (linear/inverse markets would
+    # call fapi/dapi exchangeInfo, and margin pairs sapi) unless the connector's options say otherwise.
+    "binance": ExchangeProfile(
+        klines_weight=2,
+        page_limit=1000,
+        markets_weight=20,
+        time_weight=1,
+        default_config={"options": {"fetchMarkets": {"types": ["spot"]}, "fetchMargins": False}},
+    ),
+}
+
+_DEFAULT_PROFILE = ExchangeProfile()
+
+MARKETS_TTL_SECONDS = 3600.0
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+class CcxtClient:
+    """Any ccxt exchange, synchronous, one instance per thread (a ccxt instance holds a requests session)."""
+
+    def __init__(
+        self,
+        exchange_id: str,
+        options: dict | None = None,
+        credentials: dict[str, str] | None = None,
+        weight_limit_per_minute: int | None = None,
+    ) -> None:
+        self.exchange_id = exchange_id
+        self.profile = PROFILES.get(exchange_id, _DEFAULT_PROFILE)
+        config = _deep_merge(self.profile.default_config, options or {})
+        # Our shared, database-backed limiter governs; ccxt's in-process throttle would only add waits
+        # that no other worker knows about.
+        config["enableRateLimit"] = False
+        config.update(credentials or {})
+        self.exchange: ccxt.Exchange = getattr(ccxt, exchange_id)(config)
+        self._guard = _Guard(exchange_id, weight_limit_per_minute)
+        self.stats = self._guard.stats
+        self._markets_loaded_at: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<CcxtClient {self.exchange_id}>"
+
+    def _headers(self) -> Any:
+        return self.exchange.last_response_headers
+
+    def _request(self, weight: int, send: Callable[[], T]) -> T:
+        # Headers of a previous response must not be mistaken for this one's when it fails early.
+        self.exchange.last_response_headers = None
+        return self._guard.call(weight, send, self._headers)
+
+    def _ensure_markets(self) -> None:
+        stale = self._markets_loaded_at is None or time.monotonic() - self._markets_loaded_at > MARKETS_TTL_SECONDS
+        if stale:
+            self._request(self.profile.markets_weight, lambda: self.exchange.load_markets(reload=True))
+            self._markets_loaded_at = time.monotonic()
+
+    def page_limit(self) -> int:
+        if self.profile.page_limit:
+            return self.profile.page_limit
+        features = (self.exchange.features or {}).get("spot") or {}
+        limit = (features.get("fetchOHLCV") or {}).get("limit")
+        return int(limit) if limit else 500
+
+    def request_weight(self, timeframe: str, limit: int) -> int:
+        return self.profile.klines_weight
+
+    def markets(self) -> list[str]:
+        self._ensure_markets()
+        return sorted(symbol for symbol, market in self.exchange.markets.items() if market.get("active") is not False)
+
+    def timeframes(self) -> list[str]:
+        return list((self.exchange.timeframes or {}).keys())
+
+    def server_time_ms(self) -> int:
+        if self.exchange.has.get("fetchTime"):
+            return int(self._request(self.profile.time_weight, self.exchange.fetch_time))
+        return int(time.time() * 1000)
+
+    def fetch_ohlcv(self, symbol: str, timeframe: str, since_ms: int, limit: int) -> list[list[float]]:
+        self._ensure_markets()
+        if symbol not in self.exchange.markets:
+            raise PermanentExchangeError(
+                f"{self.exchange_id}: symbol {symbol!r} is not listed by the exchange "
+                f"(e.g. {', '.join(sorted(self.exchange.markets)[:5])})"
+            )
+        timeframes = self.exchange.timeframes or {}
+        if timeframes and timeframe not in timeframes:
+            raise PermanentExchangeError(
+                f"{self.exchange_id}: timeframe {timeframe!r} is not offered; it offers {', '.join(timeframes)}"
+            )
+
+        def send() -> list[list[float]]:
+            rows = self.exchange.fetch_ohlcv(symbol, timeframe, since=since_ms, limit=limit)
+            if not isinstance(rows, list) or any(not isinstance(row, list) for row in rows):
+                # ccxt hands back the raw text of a body it could not parse as JSON (a truncated 200).
+                raise ccxt.BadResponse(f"unreadable klines response ({type(rows).__name__})")
+            return rows
+
+        return self._request(self.request_weight(timeframe, limit), send)
+
+
+# --- The simulated exchange ---------------------------------------------------------------------------
+
+# Listing dates, so the simulated history starts somewhere plausible and "before listing" is exercised.
+SIMULATED_MARKETS: dict[str, tuple[int, float]] = {
+    # symbol: (listing open time in UTC ms, starting price)
+    "BTC/USDT": (1502928000000, 4300.0),  # 2017-08-17
+    "ETH/USDT": (1502928000000, 300.0),
+    "BNB/USDT": (1509926400000, 1.5),  # 2017-11-06
+    "XRP/USDT": (1525392000000, 0.7),  # 2018-05-04
+    "SOL/USDT": (1597104000000, 3.0),  # 2020-08-11
+    "DOGE/USDT": (1562284800000, 0.003),  # 2019-07-05
+}
+
+
+def _unit(*parts: object) -> float:
+    """A deterministic uniform number in [0, 1) from its key (blake2b, so no global random state)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return struct.unpack(">Q", digest)[0] / 2.0**64
+
+
+class SimulatedClient:
+    """An offline exchange with deterministic candles: re-fetching any range returns identical rows.
+
+    The price is a multi-scale random path: value noise at periods from 4 minutes to 64 days, seeded by
+    (symbol, scale, lattice point). Any slot is computed from its own time alone (O(1) per candle), so a
+    page anywhere in the history costs the same, and candles of different timeframes agree with each
+    other (a 1h candle opens where its first 1m candle opens). Options (the connector's `options`):
+    `latency_ms` per request, `failure_rate` (share of requests failing with a transient error), `seed`.
+    """
+
+    # Period (ms) and amplitude (log-price) of each noise scale.
+    _SCALES = [(4 * 60_000 * 4**k, 0.0015 * 2.2**k) for k in range(9)]
+
+    def __init__(self, options: dict | None = None, weight_limit_per_minute: int | None = None) -> None:
+        options = options or {}
+        self.exchange_id = SIMULATED
+        self.latency = float(options.get("latency_ms", 0)) / 1000.0
+        self.failure_rate = float(options.get("failure_rate", 0.0))
+        self.seed = str(options.get("seed", "datacollector"))
+        self._random = random.Random()
+        self._guard = _Guard(SIMULATED, weight_limit_per_minute)
+        self.stats = self._guard.stats
+
+    def __repr__(self) -> str:
+        return "<SimulatedClient>"
+
+    def page_limit(self) -> int:
+        return 1000
+
+    def request_weight(self, timeframe: str, limit: int) -> int:
+        return 1
+
+    def markets(self) -> list[str]:
+        return sorted(SIMULATED_MARKETS)
+
+    def timeframes(self) -> list[str]:
+        return list(SIMULATED_TIMEFRAMES)
+
+    def server_time_ms(self) -> int:
+        return int(time.time() * 1000)
+
+    def fetch_ohlcv(self, symbol: str, timeframe: str, since_ms: int, limit: int) -> list[list[float]]:
+        return self._guard.call(
+            self.request_weight(timeframe, limit), lambda: self._klines(symbol, timeframe, since_ms, limit)
+        )
+
+    def _klines(self, symbol: str, timeframe: str, since_ms: int, limit: int) -> list[list[float]]:
+        if self.latency:
+            time.sleep(self.latency)
+        if self.failure_rate and self._random.random() < self.failure_rate:
+            raise ccxt.ExchangeNotAvailable("simulated: 503 Service Unavailable (injected failure)")
+        if symbol not in SIMULATED_MARKETS:
+            raise ccxt.BadSymbol(f"simulated does not have market symbol {symbol}")
+        if timeframe not in SIMULATED_TIMEFRAMES:
+            raise ccxt.BadRequest(f"simulated: invalid interval {timeframe}")
+        step = timeframe_ms(timeframe)
+        listing, _ = SIMULATED_MARKETS[symbol]
+        now = self.server_time_ms()
+        # Like Binance: the first `limit` candles at or after `since`, the forming one included.
+        first = max(-(-since_ms // step) * step, -(-listing // step) * step)
+        rows = []
+        for ts in range(first, now + 1, step):
+            if len(rows) >= limit:
+                break
+            rows.append(self.candle(symbol, timeframe, ts))
+        return rows
+
+    def _log_price(self, symbol: str, ts: int) -> float:
+        total = 0.0
+        for index, (period, amplitude) in enumerate(self._SCALES):
+            position = ts / period
+            cell = math.floor(position)
+            frac = position - cell
+            left = _unit(self.seed, symbol, index, cell) * 2 - 1
+            right = _unit(self.seed, symbol, index, cell + 1) * 2 - 1
+            smooth = frac * frac * (3 - 2 * frac)
+            total += amplitude * (left + (right - left) * smooth)
+        return total
+
+    def candle(self, symbol: str, timeframe: str, ts: int) -> list[float]:
+        """The candle opening at `ts`; a pure function of (seed, symbol, timeframe, ts)."""
+        step = timeframe_ms(timeframe)
+        _, base = SIMULATED_MARKETS[symbol]
+        open_ = base * math.exp(self._log_price(symbol, ts))
+        close = base * math.exp(self._log_price(symbol, ts + step))
+        # Wicks beyond the open/close, scaled by the candle's length so longer candles range further.
+        spread = 0.0008 * math.sqrt(step / 60_000)
+        high = max(open_, close) * (1 + spread * _unit(self.seed, symbol, timeframe, ts, "h"))
+        low = min(open_, close) * (1 - spread * _unit(self.seed, symbol, timeframe, ts, "l"))
+        volume = (step / 60_000) * (5 + 95 * _unit(self.seed, symbol, timeframe, ts, "v"))
+        return [ts, round(open_, 8), round(high, 8), round(low, 8), round(close, 8), round(volume, 8)]
+
+
+# --- Factory --------------------------------------------------------------------------------------------
+
+_local = threading.local()
+
+
+def _credentials(connector: Any) -> dict[str, str]:
+    """ccxt credentials read from the environment variables the connector names (never stored)."""
+    credentials = {}
+    for field, key in (("api_key_env", "apiKey"), ("api_secret_env", "secret"), ("api_password_env", "password")):
+        name = getattr(connector, field, "") or ""
+        if name and os.environ.get(name):
+            credentials[key] = os.environ[name]
+    return credentials
+
+
+def get_client(connector: Any) -> ExchangeClient:
+    """The client of a connector, reused within a thread while the connector's settings do not change.
+
+    Reuse keeps the loaded markets (Binance exchangeInfo weighs 20) and the HTTP session; one instance
+    per thread because neither ccxt's sync client nor its session is meant to be shared across threads.
+    """
+    weight_limit = (connector.rate_limit_weight_per_minute or 0) + (connector.rate_limit_burst or 0) or None
+    key = json.dumps(
+        [
+            connector.exchange_id,
+            connector.options,
+            weight_limit,
+            [getattr(connector, f, "") for f in ("api_key_env", "api_secret_env", "api_password_env")],
+        ],
+        sort_keys=True,
+        default=str,
+    )
+    cache: dict[str, ExchangeClient] = _local.__dict__.setdefault("clients", {})
+    client = cache.get(key)
+    if client is None:
+        if connector.exchange_id == SIMULATED:
+            client = SimulatedClient(connector.options, weight_limit)
+        elif connector.exchange_id in ccxt.exchanges:
+            client = CcxtClient(connector.exchange_id, connector.options, _credentials(connector), weight_limit)
+        else:
+            raise PermanentExchangeError(f"unknown exchange id {connector.exchange_id!r}: not a ccxt exchange")
+        cache[key] = client
+    return client
+
+
+def clear_clients() -> None:
+    """Forget this thread's clients (tests, or after a connector's settings changed in place)."""
+    _local.__dict__.pop("clients", None)

@@ -1,0 +1,340 @@
+"""Collection of one job: page an exchange's candles from the job's cursor to the last closed candle.
+
+The scheduler calls `collect_job()` for each claimed job; `manage.py backfill` calls it too. Per page:
+fetch (the client takes the request's weight from the shared rate limit first), keep only closed
+candles of the asked range, upsert them, advance `job.cursor` and commit it in one UPDATE, heartbeat.
+A crash therefore loses at most one page of work, and the next run continues after the cursor.
+
+How exchange quirks are handled:
+- A short page is not the end of the data: the next page starts after the last candle received, so the
+  rest is asked for again. Only the exchange's server time (fetched once per run) ends the paging.
+- An empty page (ccxt turns a truncated 200 body into one) is asked again a few times. If it stays empty
+  the collector looks further ahead without moving the cursor: data found later is stored and the slots
+  in between become a gap; nothing found up to "now" leaves the cursor where it was, so the next run
+  asks again instead of skipping the tail.
+- Holes in the exchange's own data are recorded as gaps (`apps.marketdata.gaps.sync_gaps`) and asked for
+  again on the next runs until the exchange has returned them empty often enough to be confirmed empty.
+  Nothing is ever interpolated.
+"""
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from django.db.models import Q
+
+from apps.connectors.exchanges import ExchangeClient, get_client, timeframe_ms
+from apps.jobs.models import Job, Run
+from apps.marketdata import store
+from apps.marketdata.indicators import update_indicators
+from datacollector.config import get_config
+
+logger = logging.getLogger(__name__)
+
+# Times an empty page is asked again before the collector looks further ahead.
+EMPTY_PAGE_RETRIES = 3
+# Gaps refetched per run: old gaps must not starve the collection of new candles.
+MAX_GAP_REFETCHES_PER_RUN = 20
+# Pages one scheduled run may fetch before handing the worker back (`result.more` asks for another
+# run at once), so one job with years of history cannot starve the others. Backfill has no such cap.
+MAX_PAGES_PER_RUN = 200
+# The Run row's counters are refreshed at most this often while a job runs (the final values are
+# written by whoever finishes the run).
+RUN_PROGRESS_INTERVAL_SECONDS = 2.0
+
+Progress = Callable[[int, int], None]  # (slots covered, candles written) since the last call
+
+
+@dataclasses.dataclass
+class CollectResult:
+    candles_fetched: int = 0  # rows the exchange returned
+    candles_written: int = 0  # candles that changed the store (new or revised)
+    requests: int = 0
+    rate_limit_wait: float = 0.0  # seconds waited for the shared rate limit
+    rate_limited: int = 0  # 429/418 answers received
+    pages: int = 0
+    empty_pages: int = 0
+    dropped: int = 0  # rows outside the asked range, the forming candle, duplicates, unreadable rows
+    gaps_open: int = 0  # open gaps of the series after this run
+    gaps_refetched: int = 0
+    first_ts: int | None = None  # earliest candle written
+    last_ts: int | None = None  # latest candle written
+    stopped: bool = False  # a stop was requested and the run ended after the current page
+    # More history is waiting: the run reached its page budget. The scheduler runs the job again at once.
+    more: bool = False
+
+
+def ms_to_datetime(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def datetime_to_ms(value: datetime) -> int:
+    return int(value.timestamp() * 1000)
+
+
+def clean_rows(raw: Sequence[Any], start: int, end: int) -> tuple[list[list[float]], int]:
+    """The rows of `raw` that are candles opening in [start, end], one per ts, ascending.
+
+    Returns (rows, dropped). `end` is at most the last closed open time, so the forming candle, which
+    exchanges include at the end of the newest page, is dropped here. Rows that cannot be a candle (a
+    missing value, NaN, a negative price or volume) are dropped and logged rather than rejecting the page:
+    the slot then shows up as a gap and is asked for again.
+    """
+    by_ts: dict[int, list[float]] = {}
+    dropped = 0
+    for row in raw:
+        try:
+            ts = int(row[0])
+            values = [float(v) for v in row[1:6]]
+        except (TypeError, ValueError, IndexError):
+            dropped += 1
+            logger.warning("dropping an unreadable candle row: %r", row)
+            continue
+        if not start <= ts <= end:
+            dropped += 1
+            continue
+        if len(values) != 5 or not all(math.isfinite(v) and v >= 0 for v in values):
+            dropped += 1
+            logger.warning("dropping a candle with invalid values: %r", row)
+            continue
+        if ts in by_ts:
+            dropped += 1
+        by_ts[ts] = [ts, *values]
+    return [by_ts[ts] for ts in sorted(by_ts)], dropped
+
+
+class _Collection:
+    """The state of one run of one job; `collect_job()` is its only user."""
+
+    def __init__(
+        self,
+        job: Job,
+        run: Run | None,
+        client: ExchangeClient,
+        heartbeat: Callable[[], Any],
+        progress: Progress | None,
+        stop: threading.Event | None,
+        max_pages: int | None,
+    ) -> None:
+        self.job = job
+        self.max_pages = max_pages
+        self.run = run
+        self.client = client
+        self.heartbeat = heartbeat
+        self.progress = progress
+        self.stop = stop
+        self.series = (job.connector.exchange_id, job.symbol, job.timeframe)
+        self.step = timeframe_ms(job.timeframe)
+        self.page_limit = client.page_limit()
+        self.result = CollectResult()
+        self._stats_before = client.stats.snapshot()
+        self._run_saved_at = time.monotonic()
+
+    def refresh_counters(self) -> None:
+        stats, before = self.client.stats, self._stats_before
+        self.result.requests = stats.requests - before.requests
+        self.result.rate_limit_wait = stats.rate_limit_wait - before.rate_limit_wait
+        self.result.rate_limited = stats.rate_limited - before.rate_limited
+
+    def _after_page(self) -> None:
+        self.refresh_counters()
+        self.heartbeat()
+        if self.run is not None and time.monotonic() - self._run_saved_at >= RUN_PROGRESS_INTERVAL_SECONDS:
+            self._run_saved_at = time.monotonic()
+            Run.objects.filter(pk=self.run.pk).update(
+                candles_fetched=self.result.candles_fetched,
+                candles_written=self.result.candles_written,
+                requests=self.result.requests,
+                rate_limit_wait=self.result.rate_limit_wait,
+            )
+
+    def _save_cursor(self, ts: int) -> None:
+        # One UPDATE per page, and never backwards: a cursor only ever grows.
+        Job.objects.filter(pk=self.job.pk).filter(Q(cursor__isnull=True) | Q(cursor__lt=ts)).update(cursor=ts)
+        self.job.cursor = ts
+
+    def _write(self, rows: list[list[float]]) -> int:
+        if not rows:
+            return 0
+        written = store.upsert_candles(*self.series, rows)
+        count = written.inserted + written.updated
+        self.result.candles_written += count
+        if count:
+            first, last = rows[0][0], rows[-1][0]
+            self.result.first_ts = first if self.result.first_ts is None else min(self.result.first_ts, first)
+            self.result.last_ts = last if self.result.last_ts is None else max(self.result.last_ts, last)
+        return len(rows)
+
+    def page_range(self, start: int, end: int, move_cursor: bool) -> int:
+        """Fetch every candle opening in [start, end]; returns how many were received and stored."""
+        symbol, timeframe = self.job.symbol, self.job.timeframe
+        since = start
+        empty_tries = 0
+        stored = 0
+        while since <= end:
+            if self.stop is not None and self.stop.is_set():
+                self.result.stopped = True
+                break
+            if self.max_pages is not None and self.result.pages >= self.max_pages:
+                self.result.more = True
+                break
+            # One slot more than the range holds, so a page reaching `end` is recognisably complete.
+            limit = max(1, min(self.page_limit, (end - since) // self.step + 2))
+            raw = self.client.fetch_ohlcv(symbol, timeframe, since, limit)
+            self.result.pages += 1
+            self.result.candles_fetched += len(raw)
+            rows, dropped = clean_rows(raw, since, end)
+            self.result.dropped += dropped
+            if rows:
+                empty_tries = 0
+                stored += self._write(rows)
+                last = rows[-1][0]
+                if move_cursor:
+                    self._save_cursor(last)
+                if self.progress is not None:
+                    self.progress((last + self.step - since) // self.step, len(rows))
+                since = last + self.step
+            else:
+                self.result.empty_pages += 1
+                if any(_ts(row) is not None and _ts(row) > end for row in raw):
+                    # The exchange answered with candles after the range only: there is nothing in it
+                    # (a hole, or before the listing). Whatever lies between is a gap, if anything.
+                    if self.progress is not None:
+                        self.progress((end + self.step - since) // self.step, 0)
+                    since = end + 1
+                elif empty_tries < EMPTY_PAGE_RETRIES:
+                    # Before "now" an empty page is never the end of the data: ask again.
+                    empty_tries += 1
+                else:
+                    # Still empty: look further ahead, leaving the cursor behind (see the module doc).
+                    empty_tries = 0
+                    skipped = min(limit, (end - since) // self.step + 1)
+                    if self.progress is not None:
+                        self.progress(skipped, 0)
+                    since += skipped * self.step
+            self._after_page()
+        return stored
+
+    def refetch_gaps(self, gaps_module: Any) -> None:
+        for gap in gaps_module.gaps_to_refetch(*self.series)[:MAX_GAP_REFETCHES_PER_RUN]:
+            if self.stop is not None and self.stop.is_set():
+                self.result.stopped = True
+                return
+            found = self.page_range(gap.start_ts, gap.end_ts, move_cursor=False)
+            self.result.gaps_refetched += 1
+            # Found candles: the gap shrinks, splits or disappears; none: one more empty attempt.
+            gaps_module.record_refetch(gap, found)
+
+
+def _ts(row: Any) -> int | None:
+    try:
+        return int(row[0])
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def collect_job(
+    job: Job,
+    run: Run | None,
+    heartbeat: Callable[[], Any],
+    until_ms: int | None = None,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+    max_pages: int | None = MAX_PAGES_PER_RUN,
+) -> CollectResult:
+    """Collect `job` up to its exchange's last closed candle (or `until_ms`, exclusive); see the module doc.
+
+    Raises `PermanentExchangeError` (the job cannot succeed as configured) or another exception
+    (transient: retry later). Pages stored before an error stay stored and the cursor says so.
+    `progress(slots, candles)` is called after each page; `stop`, once set, ends the run after the
+    current page with `result.stopped`. After `max_pages` pages the run ends with `result.more`.
+    """
+    from apps.marketdata import gaps as gaps_module
+
+    client = get_client(job.connector)
+    collection = _Collection(job, run, client, heartbeat, progress, stop, max_pages)
+    step = collection.step
+    series = collection.series
+
+    # The exchange's clock, not ours, says which candles are closed: a candle is closed when
+    # open + timeframe <= server time. Asked once per run; a run shorter than a candle cannot miss one.
+    server_now = client.server_time_ms()
+    end = server_now - step
+    if until_ms is not None:
+        end = min(end, until_ms - 1)
+
+    if job.cursor is not None:
+        start = job.cursor + step
+    elif job.since is not None:
+        start = datetime_to_ms(job.since)
+    else:
+        start = (end // step) * step - (get_config().collection.default_history_candles - 1) * step
+    sync_from = start
+
+    failed = True
+    try:
+        # History requested before what is stored (a backfill moved `since` back): fill the head first.
+        stored_first = store.first_ts(*series)
+        if job.cursor is not None and job.since is not None and stored_first is not None:
+            since_ms = datetime_to_ms(job.since)
+            if since_ms < stored_first:
+                sync_from = since_ms
+                collection.page_range(since_ms, min(stored_first - 1, end), move_cursor=False)
+                if not (collection.result.stopped or collection.result.more):
+                    # The series is complete from its first stored candle on (earlier, the exchange has
+                    # nothing: before the listing). Remember it so the head is not asked for every run.
+                    first = store.first_ts(*series)
+                    if first is not None:
+                        Job.objects.filter(pk=job.pk).update(since=ms_to_datetime(first))
+                        job.since = ms_to_datetime(first)
+
+        if start <= end and not (collection.result.stopped or collection.result.more):
+            collection.page_range(start, end, move_cursor=True)
+        failed = False
+    finally:
+        # Even when the exchange failed half-way, what was stored gets its gaps recorded and indicators.
+        result = collection.result
+        if result.first_ts is not None:
+            first = store.first_ts(*series)
+            last = store.last_ts(*series)
+            if first is not None and last is not None:
+                gaps_module.sync_gaps(*series, max(first, min(sync_from, result.first_ts)), last)
+        if not (failed or result.stopped or result.more):
+            collection.refetch_gaps(gaps_module)
+        if result.first_ts is not None:
+            update_indicators(*series, result.first_ts)
+        collection.refresh_counters()
+    result.gaps_open = len(gaps_module.gaps_to_refetch(*series))
+    return result
+
+
+def claim_for_backfill(job: Job, worker: str, lease_seconds: float) -> Run | None:
+    """Lease `job` to a backfill worker and open its Run, unless a live worker holds it (then None).
+
+    The same lease the scheduler uses, so a running `run_scheduler` leaves the job alone meanwhile;
+    the job's status and schedule are not consulted: the operator asked for this collection.
+    """
+    from datetime import timedelta
+
+    from django.db import transaction
+    from django.utils import timezone
+
+    now = timezone.now()
+    with transaction.atomic():
+        free = Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now)
+        taken = Job.objects.filter(free, pk=job.pk).update(
+            lease_owner=worker, lease_expires_at=now + timedelta(seconds=lease_seconds), last_run_at=now
+        )
+        if not taken:
+            return None
+        # A run left open by a worker whose lease expired is closed as failed, as a scheduler reclaim does.
+        Run.objects.filter(job=job, status=Run.Status.RUNNING).update(
+            status=Run.Status.FAILED, finished_at=now, error=Run.LEASE_EXPIRED
+        )
+        job.lease_owner, job.lease_expires_at = worker, now + timedelta(seconds=lease_seconds)
+        return Run.objects.create(job=job, worker=worker, started_at=now)

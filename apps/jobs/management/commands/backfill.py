@@ -1,0 +1,288 @@
+"""`manage.py backfill`: fetch a range of history for one exchange's symbols and timeframes, now.
+
+Creates (or reuses) one Job per symbol and timeframe and runs the same `collect_job` the scheduler runs,
+under the same shared rate limit and the same leases, so it is safe beside a running `run_scheduler`.
+The job cursor is committed after every page: interrupted with Ctrl-C (or killed), a second run with
+the same arguments continues where the first stopped.
+"""
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import close_old_connections, connection
+from django.utils.dateparse import parse_date, parse_datetime
+from tqdm import tqdm
+
+from apps.connectors.exchanges import ExchangeError, PermanentExchangeError, get_client, timeframe_ms
+from apps.connectors.models import Connector
+from apps.jobs.collect import CollectResult, claim_for_backfill, collect_job, datetime_to_ms, ms_to_datetime
+from apps.jobs.models import Job, validate_symbol, validate_timeframe
+from apps.marketdata import store
+from datacollector.config import get_config
+
+DATE_HELP = "ISO 8601 date or datetime in UTC (2024-01-01, 2024-01-01T12:00, 2024-01-01T12:00:00+02:00) or epoch ms"
+
+
+def parse_when(value: str, option: str) -> int:
+    """A command-line date as UTC epoch milliseconds, or a CommandError naming the option."""
+    text = value.strip()
+    if text.isdigit():
+        ms = int(text)
+        if ms < 10**11:
+            raise CommandError(
+                f"{option} {value!r} looks like epoch seconds or a year; give epoch milliseconds "
+                f"(e.g. {ms * 1000}) or a date. Accepted: {DATE_HELP}."
+            )
+        return ms
+    try:
+        moment = parse_datetime(text.replace(" ", "T", 1)) if "T" in text or " " in text else None
+        day = None if moment else parse_date(text)
+    except ValueError:
+        moment = day = None
+    if moment is None and day is None:
+        raise CommandError(f"{option} {value!r} is not a date. Accepted: {DATE_HELP}.")
+    if day is not None:
+        moment = datetime(day.year, day.month, day.day, tzinfo=UTC)
+    elif moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return datetime_to_ms(moment)
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+class Command(BaseCommand):
+    help = "Fetch history for symbols and timeframes of one exchange now, resumably, through the shared rate limit."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--exchange", required=True, help="Exchange id of a configured connector (e.g. binance).")
+        parser.add_argument("--symbol", required=True, help="ccxt symbol(s), comma-separated: BTC/USDT,ETH/USDT.")
+        parser.add_argument("--timeframe", required=True, help="Timeframe(s), comma-separated: 1m,1h,1d.")
+        parser.add_argument("--since", required=True, help=f"Start of the history to fetch: {DATE_HELP}.")
+        parser.add_argument(
+            "--until", help=f"End (exclusive) of the history to fetch; default: the last closed candle. {DATE_HELP}."
+        )
+        parser.add_argument("--workers", type=int, default=1, help="Jobs collected concurrently (threads).")
+        parser.add_argument(
+            "--lease-seconds",
+            type=float,
+            default=None,
+            help="Lease held on each job while it is collected (default: scheduler.lease_seconds).",
+        )
+
+    def handle(self, *args, **options) -> None:
+        self.stopping = threading.Event()
+        connector, symbols, timeframes, since_ms, until_ms = self.validate(options)
+        workers = options["workers"]
+        lease_seconds = options["lease_seconds"] or get_config().scheduler.lease_seconds
+        jobs = self.prepare_jobs(connector, symbols, timeframes, since_ms)
+
+        self.install_signal_handlers()
+        total = sum(self.expected_slots(job, since_ms, until_ms) for job in jobs)
+        bar = tqdm(
+            total=total,
+            unit=" candles",
+            unit_scale=True,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            disable=options["verbosity"] == 0,
+            desc=f"{connector.exchange_id} backfill",
+        )
+        lock = threading.Lock()
+
+        def progress(slots: int, _written: int) -> None:
+            with lock:
+                bar.update(slots)
+
+        worker_id = f"backfill:{socket.gethostname()}:{os.getpid()}"
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="backfill") as pool:
+            futures = [
+                pool.submit(self.collect_one, job, f"{worker_id}:{index}", lease_seconds, until_ms, progress)
+                for index, job in enumerate(jobs)
+            ]
+            outcomes = [future.result() for future in futures]
+        bar.close()
+        self.report(outcomes, time.monotonic() - started)
+
+    # --- Validation: everything is checked before anything is fetched ----------------------------------
+
+    def validate(self, options: dict) -> tuple[Connector, list[str], list[str], int, int | None]:
+        exchange_id = options["exchange"].strip()
+        try:
+            connector = Connector.objects.for_exchange(exchange_id)
+        except ValidationError as exc:
+            raise CommandError(f"--exchange: {exc.messages[0]}") from None
+        if not connector.enabled:
+            raise CommandError(
+                f"--exchange: the {exchange_id} connector is disabled; enable it (admin or API) before a backfill."
+            )
+        if options["workers"] < 1:
+            raise CommandError(f"--workers must be at least 1, got {options['workers']}.")
+
+        since_ms = parse_when(options["since"], "--since")
+        until_ms = parse_when(options["until"], "--until") if options["until"] else None
+        now_ms = int(time.time() * 1000)
+        if since_ms >= now_ms:
+            raise CommandError(f"--since {options['since']!r} is in the future: there is no history there yet.")
+        if until_ms is not None and until_ms <= since_ms:
+            raise CommandError(f"--until {options['until']!r} must be after --since {options['since']!r}.")
+
+        symbols, timeframes = _split(options["symbol"]), _split(options["timeframe"])
+        if not symbols:
+            raise CommandError("--symbol: give at least one symbol, e.g. BTC/USDT or BTC/USDT,ETH/USDT.")
+        if not timeframes:
+            raise CommandError("--timeframe: give at least one timeframe, e.g. 1m or 1m,1h.")
+        for timeframe in timeframes:
+            try:
+                validate_timeframe(timeframe, exchange_id)
+            except ValidationError as exc:
+                raise CommandError(f"--timeframe: {exc.messages[0]}") from None
+        for symbol in symbols:
+            try:
+                validate_symbol(symbol)
+            except ValidationError as exc:
+                raise CommandError(f"--symbol: {exc.messages[0]}") from None
+
+        # The exchange has the last word on symbols and timeframes (one markets request).
+        client = get_client(connector)
+        try:
+            markets = set(client.markets())
+            offered = client.timeframes()
+        except ExchangeError as exc:
+            raise CommandError(f"--exchange: could not load the markets of {exchange_id}: {exc}") from None
+        unknown = [symbol for symbol in symbols if symbol not in markets]
+        if unknown:
+            examples = ", ".join(sorted(markets)[:8])
+            raise CommandError(
+                f"--symbol: {', '.join(unknown)} not listed by {exchange_id} ({len(markets)} markets, e.g. {examples})."
+            )
+        not_offered = [timeframe for timeframe in timeframes if offered and timeframe not in offered]
+        if not_offered:
+            raise CommandError(
+                f"--timeframe: {', '.join(not_offered)} not offered by {exchange_id}; it offers: {', '.join(offered)}."
+            )
+        return connector, symbols, timeframes, since_ms, until_ms
+
+    # --- Jobs -----------------------------------------------------------------------------------------
+
+    def prepare_jobs(self, connector: Connector, symbols: list[str], timeframes: list[str], since_ms: int) -> list[Job]:
+        since = ms_to_datetime(since_ms)
+        jobs = []
+        for symbol in symbols:
+            for timeframe in timeframes:
+                job, created = Job.objects.get_or_create(
+                    connector=connector, symbol=symbol, timeframe=timeframe, defaults={"since": since}
+                )
+                if not created and (job.since is None or since < job.since):
+                    # Earlier history than the job held: collection fills the head before the cursor.
+                    Job.objects.filter(pk=job.pk).update(since=since)
+                    job.since = since
+                action = "created" if created else f"reused (cursor {self.format_ms(job.cursor)})"
+                self.stdout.write(f"{connector.exchange_id} {symbol} {timeframe}: job {job.pk} {action}")
+                jobs.append(job)
+        return jobs
+
+    def expected_slots(self, job: Job, since_ms: int, until_ms: int | None) -> int:
+        """Candles still to fetch for the progress bar's total (an estimate: holes and listing dates)."""
+        step = timeframe_ms(job.timeframe)
+        end = min(until_ms or int(time.time() * 1000), int(time.time() * 1000))
+        first = store.first_ts(job.exchange_id, job.symbol, job.timeframe)
+        slots = 0
+        if job.cursor is not None and first is not None and since_ms < first:
+            slots += max(0, (min(first, end) - since_ms) // step)
+        start = job.cursor + step if job.cursor is not None else since_ms
+        return slots + max(0, (end - start) // step)
+
+    def collect_one(
+        self, job: Job, worker: str, lease_seconds: float, until_ms: int | None, progress
+    ) -> tuple[Job, CollectResult | None, str]:
+        """One job in a worker thread, with its own database connection; returns (job, result, outcome)."""
+        close_old_connections()
+        try:
+            if self.stopping.is_set():
+                return job, None, "not started"
+            run = claim_for_backfill(job, worker, lease_seconds)
+            if run is None:
+                job.refresh_from_db()
+                return job, None, f"skipped: held by {job.lease_owner} until {job.lease_expires_at:%H:%M:%S}"
+            config = get_config().scheduler
+            result = CollectResult()
+            try:
+                result = collect_job(
+                    job,
+                    run,
+                    run.heartbeat(lease_seconds),
+                    until_ms=until_ms,
+                    progress=progress,
+                    stop=self.stopping,
+                    max_pages=None,
+                )
+            except PermanentExchangeError as exc:
+                run.fail_permanently(str(exc), result)
+                return job, result, f"failed: {exc}"
+            except Exception as exc:
+                retry_after = getattr(exc, "retry_after", None)
+                run.fail(str(exc), config.backoff_base_seconds, config.backoff_max_seconds, retry_after, result)
+                return job, result, f"failed: {exc}"
+            run.succeed(result, config.schedule_delay_seconds)
+            job.refresh_from_db()
+            return job, result, "stopped" if result.stopped else "done"
+        finally:
+            connection.close()
+
+    # --- Signals and output -----------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: object) -> None:
+            if self.stopping.is_set():
+                self.stderr.write("\nSecond signal: exiting now (cursors are saved up to the last whole page).")
+                os._exit(130)
+            self.stopping.set()
+            self.stderr.write("\nStopping after the current page of each job; run the same command again to resume.")
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+    @staticmethod
+    def format_ms(ms: int | None) -> str:
+        return "none" if ms is None else ms_to_datetime(ms).strftime("%Y-%m-%d %H:%M UTC")
+
+    def report(self, outcomes: list[tuple[Job, CollectResult | None, str]], elapsed: float) -> None:
+        written = requests = rate_limited = gaps = 0
+        wait = 0.0
+        failures = []
+        for job, result, outcome in outcomes:
+            if result is not None:
+                written += result.candles_written
+                requests += result.requests
+                wait += result.rate_limit_wait
+                rate_limited += result.rate_limited
+                gaps += result.gaps_open
+            detail = (
+                f"{result.candles_written} written, {result.requests} requests, {result.gaps_open} open gaps, "
+                if result is not None
+                else ""
+            )
+            self.stdout.write(f"  {job.symbol} {job.timeframe}: {outcome}; {detail}cursor {self.format_ms(job.cursor)}")
+            if outcome.startswith("failed") or outcome.startswith("skipped"):
+                failures.append(f"{job.symbol} {job.timeframe}")
+        rate = written / elapsed if elapsed > 0 else 0.0
+        self.stdout.write(
+            f"Backfill: {written} candles written in {elapsed:.1f}s ({rate:,.0f}/s), {requests} requests, "
+            f"{wait:.1f}s waiting for the rate limit, {rate_limited} rate-limit answers (429/418), "
+            f"{gaps} open gaps."
+        )
+        if self.stopping.is_set():
+            self.stdout.write("Interrupted: run the same command again to continue from the saved cursors.")
+        if failures:
+            raise CommandError(f"{len(failures)} job(s) did not complete: {', '.join(failures)} (see above).")
