@@ -1,0 +1,191 @@
+"""Query parameters and output helpers of the data API (`/api/v1/data/...`).
+
+Shared by every endpoint that reads one stored series over a time range (OHLCV, indicators): the
+parameters are validated by `SeriesQuerySerializer` (a 400 names the parameter), pages are cursor-style
+(`next` continues at the last row's ts + 1, so paging through millions of rows costs the same per page
+and never counts the whole range), and rows can also be streamed as CSV.
+"""
+
+import csv
+import io
+import re
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+
+from rest_framework import serializers
+from rest_framework.renderers import BaseRenderer
+from rest_framework.request import Request
+from rest_framework.utils.urls import replace_query_param
+
+from apps.connectors.exchanges import is_known_exchange, is_valid_timeframe_syntax
+
+DEFAULT_LIMIT = 1_000
+MAX_LIMIT = 10_000
+
+_EPOCH_MS_RE = re.compile(r"^[0-9]+$")
+
+
+def parse_time_ms(value: str) -> int:
+    """UTC milliseconds from epoch milliseconds (digits only) or an ISO 8601 date or datetime.
+
+    A date means its 00:00 UTC; a datetime without an offset is taken as UTC; one with an offset is
+    converted. Raises ValueError with a message fit for the user.
+    """
+    value = str(value).strip()
+    if _EPOCH_MS_RE.match(value):
+        return int(value)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        hint = ""
+        if re.search(r"\d \d{2}:?\d{2}$", value):
+            # A "+02:00" offset typed into a URL arrives as " 02:00": "+" means a space in a query string.
+            hint = " (write a '+' offset as %2B in a URL, or use Z)"
+        raise ValueError(
+            f"{value!r} is not a date: use epoch milliseconds (1704067200000) or ISO 8601 in UTC "
+            f"(2024-01-01 or 2024-01-01T00:00:00Z){hint}."
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    ms = int(moment.timestamp() * 1000)
+    if ms < 0:
+        raise ValueError(f"{value!r} is before 1970-01-01, where no candle can be.")
+    return ms
+
+
+def format_time(ts: int) -> str:
+    """ISO 8601 UTC of a ms timestamp: 2024-01-01T00:00:00Z (milliseconds shown only when present)."""
+    moment = datetime.fromtimestamp(ts / 1000, tz=UTC)
+    return moment.isoformat(timespec="seconds" if ts % 1000 == 0 else "milliseconds").replace("+00:00", "Z")
+
+
+class TimestampField(serializers.Field):
+    """A point in time given as epoch milliseconds or an ISO 8601 date/datetime (UTC); holds UTC ms."""
+
+    def to_internal_value(self, data: object) -> int:
+        try:
+            return parse_time_ms(str(data))
+        except ValueError as error:
+            raise serializers.ValidationError(str(error)) from None
+
+    def to_representation(self, value: int) -> int:
+        return value
+
+
+class SeriesQuerySerializer(serializers.Serializer):
+    """One series and an inclusive time range, with a page size: the query of every data endpoint."""
+
+    exchange_id = serializers.CharField(max_length=64, help_text="ccxt exchange id, or simulated.")
+    symbol = serializers.CharField(max_length=64, help_text="ccxt unified symbol, e.g. BTC/USDT.")
+    timeframe = serializers.CharField(max_length=8, help_text="Candle length, e.g. 1m, 1h, 1d.")
+    start = TimestampField(
+        required=False, help_text="First candle open time, inclusive: epoch ms or ISO 8601 (UTC). Default: oldest."
+    )
+    end = TimestampField(
+        required=False, help_text="Last candle open time, inclusive: epoch ms or ISO 8601 (UTC). Default: newest."
+    )
+    limit = serializers.IntegerField(
+        required=False,
+        default=DEFAULT_LIMIT,
+        min_value=1,
+        max_value=MAX_LIMIT,
+        help_text=f"Rows per page (1 to {MAX_LIMIT}, default {DEFAULT_LIMIT}). Follow `next` for more.",
+    )
+
+    def validate_exchange_id(self, value: str) -> str:
+        if not is_known_exchange(value):
+            raise serializers.ValidationError(
+                f"Unknown exchange {value!r}: use a ccxt exchange id (e.g. binance) or simulated; "
+                "GET /api/v1/exchanges lists them."
+            )
+        return value
+
+    def validate_timeframe(self, value: str) -> str:
+        if not is_valid_timeframe_syntax(value):
+            raise serializers.ValidationError(
+                f"Timeframe {value!r} is not well formed: a positive number followed by s, m, h, d, w, M or y "
+                "(e.g. 1m, 4h, 1d)."
+            )
+        return value
+
+    def validate(self, attrs: dict) -> dict:
+        start, end = attrs.get("start"), attrs.get("end")
+        if start is not None and end is not None and start > end:
+            raise serializers.ValidationError(
+                {"start": f"start ({format_time(start)}) is after end ({format_time(end)})."}
+            )
+        return attrs
+
+
+def next_page_url(request: Request, next_start: int) -> str:
+    """The request's own URL with `start` moved to `next_start`: every other parameter is kept."""
+    return replace_query_param(request.build_absolute_uri(), "start", next_start)
+
+
+def cursor_page(request: Request, query: dict, rows: list, limit: int, key=lambda row: row["ts"]) -> dict:
+    """A page of at most `limit` rows; `rows` may hold one more, which only tells that a next page exists.
+
+    Reading limit + 1 rows avoids a `next` link that leads to an empty page when the range ends exactly
+    at a page boundary.
+    """
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    return {
+        "exchange_id": query["exchange_id"],
+        "symbol": query["symbol"],
+        "timeframe": query["timeframe"],
+        "count": len(rows),
+        "next": next_page_url(request, key(rows[-1]) + 1) if has_more else None,
+        "results": rows,
+    }
+
+
+def candle_dict(row: list) -> dict:
+    ts, open_, high, low, close, volume = row
+    return {
+        "ts": ts,
+        "time": format_time(ts),
+        "open": open_,
+        "high": high,
+        "low": low,
+        "close": close,
+        "volume": volume,
+    }
+
+
+class CSVRenderer(BaseRenderer):
+    """Lets `?format=csv` (or `Accept: text/csv`) select CSV. Views stream their rows themselves with
+    `csv_stream`; what reaches this renderer is an error body, written as field,error lines."""
+
+    media_type = "text/csv"
+    format = "csv"
+    charset = "utf-8"
+
+    def render(
+        self, data: object, accepted_media_type: str | None = None, renderer_context: dict | None = None
+    ) -> bytes:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["field", "error"])
+        items = data.items() if isinstance(data, dict) else [("detail", data)]
+        for field, messages in items:
+            for message in messages if isinstance(messages, list) else [messages]:
+                writer.writerow([field, str(message)])
+        return buffer.getvalue().encode(self.charset)
+
+
+def csv_stream(header: list[str], rows: Iterable[list], rows_per_chunk: int = 1_000) -> Iterator[str]:
+    """CSV text in chunks of `rows_per_chunk` rows, for a StreamingHttpResponse."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    pending = 0
+    for row in rows:
+        writer.writerow(row)
+        pending += 1
+        if pending >= rows_per_chunk:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+            pending = 0
+    yield buffer.getvalue()
