@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.renderers import BaseRenderer
 from rest_framework.request import Request
@@ -59,6 +61,7 @@ def format_time(ts: int) -> str:
     return moment.isoformat(timespec="seconds" if ts % 1000 == 0 else "milliseconds").replace("+00:00", "Z")
 
 
+@extend_schema_field(OpenApiTypes.STR)
 class TimestampField(serializers.Field):
     """A point in time given as epoch milliseconds or an ISO 8601 date/datetime (UTC); holds UTC ms."""
 

@@ -1,0 +1,106 @@
+from datetime import UTC, datetime
+
+from django.contrib import admin, messages
+from django.db.models import Count, Q, QuerySet, Sum
+from django.http import HttpRequest
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path
+
+from apps.marketdata import store
+from apps.marketdata.models import Gap
+
+# No Candle admin on purpose: the changelist counts the table on every page and offers to order and
+# filter by unindexed columns, which on millions of rows is a denial of service. The series overview
+# below (one grouped pass over the unique index, on demand) is the operator's view of the candles.
+
+
+def _time(ts: int | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts / 1000, tz=UTC)
+
+
+@admin.register(Gap)
+class GapAdmin(admin.ModelAdmin):
+    list_display = [
+        "exchange_id",
+        "symbol",
+        "timeframe",
+        "first_missing",
+        "last_missing",
+        "missing",
+        "status",
+        "attempts",
+        "updated_at",
+    ]
+    list_filter = ["status", "exchange_id", "timeframe"]
+    search_fields = ["symbol"]
+    readonly_fields = [
+        "exchange_id",
+        "symbol",
+        "timeframe",
+        "start_ts",
+        "end_ts",
+        "first_missing",
+        "last_missing",
+        "missing",
+        "detected_at",
+        "updated_at",
+    ]
+    fields = [*readonly_fields[:8], "status", "attempts", "detected_at", "updated_at"]
+    actions = ["refetch"]
+    change_list_template = "admin/marketdata/gap/change_list.html"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        # Gaps are found by comparing the store with the timeframe's slots, not typed in.
+        return False
+
+    @admin.display(description="First missing (UTC)", ordering="start_ts")
+    def first_missing(self, gap: Gap) -> datetime | None:
+        return _time(gap.start_ts)
+
+    @admin.display(description="Last missing (UTC)", ordering="end_ts")
+    def last_missing(self, gap: Gap) -> datetime | None:
+        return _time(gap.end_ts)
+
+    @admin.action(description="Refetch: reopen the selected gaps and reset their attempts")
+    def refetch(self, request: HttpRequest, queryset: QuerySet[Gap]) -> None:
+        reopened = queryset.reopen()
+        self.message_user(
+            request, f"{reopened} gap(s) reopened; the jobs refetch them on their next runs.", messages.SUCCESS
+        )
+
+    def get_urls(self) -> list[URLPattern]:
+        overview = path("series/", self.admin_site.admin_view(self.series_overview), name="marketdata_series_overview")
+        return [overview, *super().get_urls()]
+
+    def series_overview(self, request: HttpRequest) -> TemplateResponse:
+        """Every stored series with its coverage and gap totals (one pass over the candle index)."""
+        gap_totals = {
+            (row["exchange_id"], row["symbol"], row["timeframe"]): row
+            for row in Gap.objects.values("exchange_id", "symbol", "timeframe").annotate(
+                open_gaps=Count("pk", filter=Q(status=Gap.Status.OPEN)),
+                open_missing=Sum("missing", filter=Q(status=Gap.Status.OPEN), default=0),
+                confirmed_missing=Sum("missing", filter=Q(status=Gap.Status.CONFIRMED_EMPTY), default=0),
+            )
+        }
+        rows = []
+        for series in store.list_series_coverage():
+            key = (series.exchange_id, series.symbol, series.timeframe)
+            expected = store.slot_count(series.timeframe, series.first_ts, series.last_ts)
+            rows.append(
+                {
+                    "series": series,
+                    "first": _time(series.first_ts),
+                    "last": _time(series.last_ts),
+                    "expected": expected,
+                    "complete": f"{100 * series.count / expected:.2f}%" if expected else "",
+                    "gaps": gap_totals.get(key, {}),
+                }
+            )
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": "Stored series",
+            "rows": rows,
+            "backend": "MongoDB" if store.uses_mongo() else "embedded (SQL)",
+        }
+        return TemplateResponse(request, "admin/marketdata/series_overview.html", context)
