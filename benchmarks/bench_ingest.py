@@ -1,0 +1,196 @@
+"""CPU cost of ingesting 1,000,000 candles: parse Binance klines with ccxt, then upsert into the store.
+
+Runs against the embedded store on PostgreSQL (a scratch database created from DATABASE_URL and dropped
+afterwards) and, when MONGODB_URI is set, against MongoDB (a scratch database, dropped afterwards).
+Three passes over the same series: first ingest (all inserts), the same data again (all unchanged,
+what a re-fetched range costs), and every candle revised (all updates).
+
+Reported per pass: candles/s (wall clock), this process's CPU seconds (time.process_time), and for
+PostgreSQL the CPU seconds of the server backend serving our connection (from /proc, so only when the
+server runs on this machine; background writers and checkpoints are not included). Figures are for
+comparison between runs on the same machine; they are never asserted.
+
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/datacollector python -m benchmarks ingest
+    BENCH_INGEST_CANDLES=200000 python -m benchmarks.bench_ingest    # a quicker run
+"""
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+TOTAL = int(os.environ.get("BENCH_INGEST_CANDLES", "1000000"))
+PAGE = 1_000  # Binance's klines page size: the unit collection parses and upserts.
+T0 = 1_577_836_800_000  # 2020-01-01 00:00 UTC
+MINUTE = 60_000
+SERIES = ("binance", "BTC/USDT", "1m")
+DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/datacollector"
+
+
+def kline_pages(total: int, revision: float = 0.0) -> Iterator[bytes]:
+    """JSON bodies as /api/v3/klines returns them (prices as strings, 12 fields), PAGE candles each."""
+    for page_start in range(0, total, PAGE):
+        rows = []
+        for i in range(page_start, min(page_start + PAGE, total)):
+            ts = T0 + i * MINUTE
+            price = 30_000 + (i * 7919 % 10_007) / 100
+            rows.append(
+                [
+                    ts,
+                    f"{price:.2f}",
+                    f"{price + 12.5:.2f}",
+                    f"{price - 11.25:.2f}",
+                    f"{price + 3.75 + revision:.2f}",
+                    f"{(i % 977) / 10:.5f}",
+                    ts + MINUTE - 1,
+                    "1519159.78",
+                    1271,
+                    "20.0",
+                    "840000.0",
+                    "0",
+                ]
+            )
+        yield json.dumps(rows).encode()
+
+
+def postgres_backend_cpu(pid: int | None) -> float | None:
+    """CPU seconds (user + system) of a local PostgreSQL backend process, or None when not readable."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_pass(label: str, pages: list[bytes], server_cpu: Callable[[], float | None]) -> None:
+    import ccxt
+
+    from apps.marketdata import store
+
+    exchange = ccxt.binance()
+    parse_cpu = 0.0
+    totals = store.UpsertResult(0, 0, 0)
+    server_before = server_cpu()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for body in pages:
+        started = time.process_time()
+        candles = exchange.parse_ohlcvs(json.loads(body), None, SERIES[2], None, None)
+        parse_cpu += time.process_time() - started
+        totals += store.upsert_candles(*SERIES, candles)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    server_after = server_cpu()
+    count = sum(totals)
+    server = "n/a" if server_before is None or server_after is None else f"{server_after - server_before:6.1f}s"
+    print(
+        f"  {label:<22} {count / wall:>9,.0f} candles/s  wall {wall:6.1f}s  client CPU {cpu:6.1f}s "
+        f"(parse {parse_cpu:4.1f}s, store {cpu - parse_cpu:5.1f}s)  server CPU {server}  "
+        f"inserted {totals.inserted:,} updated {totals.updated:,} unchanged {totals.unchanged:,}",
+        flush=True,
+    )
+
+
+def run_passes(server_cpu: Callable[[], float | None]) -> None:
+    # Request bodies are built before timing: the benchmark measures our side, not the fake exchange.
+    original = list(kline_pages(TOTAL))
+    revised = list(kline_pages(TOTAL, revision=0.01))
+    run_pass("insert", original, server_cpu)
+    run_pass("re-upsert (unchanged)", original, server_cpu)
+    run_pass("revise (all updated)", revised, server_cpu)
+
+
+@contextmanager
+def scratch_postgres() -> Iterator[str]:
+    """A new database next to DATABASE_URL's, dropped on exit; yields its name."""
+    import environ
+    import psycopg
+
+    config = environ.Env.db_url_config(os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL))
+    if "postgresql" not in config["ENGINE"]:
+        raise SystemExit("bench_ingest needs DATABASE_URL to point at PostgreSQL.")
+    name = f"bench_ingest_{os.getpid()}"
+    admin = {"host": config["HOST"] or "127.0.0.1", "port": config["PORT"] or 5432, "user": config["USER"]}
+    if config.get("PASSWORD"):
+        admin["password"] = config["PASSWORD"]
+    with psycopg.connect(dbname="postgres", autocommit=True, **admin) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        with psycopg.connect(dbname="postgres", autocommit=True, **admin) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def setup_django() -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "datacollector.settings")
+    os.environ.setdefault("DATABASE_URL", DEFAULT_DATABASE_URL)
+    os.environ.setdefault("SECRET_KEY", "bench-only-secret-key")
+    import django
+
+    django.setup()
+
+
+def bench_postgres() -> None:
+    from django.conf import settings
+    from django.core.management import call_command
+    from django.db import connection
+
+    with scratch_postgres() as name:
+        original_name = connection.settings_dict["NAME"]
+        mongodb_uri = settings.MONGODB_URI
+        connection.close()
+        connection.settings_dict["NAME"] = name
+        settings.MONGODB_URI = ""  # the embedded store, whatever the environment says
+        try:
+            call_command("migrate", "marketdata", verbosity=0)
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                [pid] = cursor.fetchone()
+            print(f"embedded store on PostgreSQL ({TOTAL:,} candles, scratch database {name}):", flush=True)
+            run_passes(lambda: postgres_backend_cpu(pid))
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_total_relation_size('marketdata_candle')")
+                [size] = cursor.fetchone()
+            print(f"  table + indexes: {size / 2**20:,.0f} MiB ({size / TOTAL:.0f} bytes per candle)", flush=True)
+        finally:
+            connection.close()
+            connection.settings_dict["NAME"] = original_name
+            settings.MONGODB_URI = mongodb_uri
+
+
+def bench_mongo() -> None:
+    from django.conf import settings
+
+    from apps.marketdata import store
+
+    original = settings.MONGODB_DATABASE
+    settings.MONGODB_DATABASE = f"bench_ingest_{os.getpid()}"
+    store.reset_mongo_client()
+    try:
+        print(f"MongoDB ({TOTAL:,} candles, scratch database {settings.MONGODB_DATABASE}):", flush=True)
+        run_passes(lambda: None)
+        stats = store.get_mongo_db().command("collStats", store.CANDLES)
+        size = stats.get("storageSize", 0) + stats.get("totalIndexSize", 0)
+        print(f"  storage + indexes: {size / 2**20:,.0f} MiB ({size / TOTAL:.0f} bytes per candle)", flush=True)
+    finally:
+        store.get_mongo_client().drop_database(settings.MONGODB_DATABASE)
+        store.reset_mongo_client()
+        settings.MONGODB_DATABASE = original
+
+
+def main() -> None:
+    setup_django()
+    print(f"machine: {os.cpu_count()} CPUs, shared with other work; load average {os.getloadavg()[0]:.1f}")
+    bench_postgres()
+    if os.environ.get("MONGODB_URI"):
+        bench_mongo()
+    else:
+        print("MongoDB: skipped (set MONGODB_URI to measure it)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
