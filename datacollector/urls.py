@@ -14,8 +14,25 @@ admin.site.site_header = "Data Collector"
 admin.site.site_title = "Data Collector admin"
 admin.site.index_title = "Connectors, jobs, runs and rate limits"
 
-# One router for the whole API, so that its browsable root lists every app's endpoints.
-api_router = DefaultRouter()
+
+class ApiRouter(DefaultRouter):
+    """One router for the whole API, so that its browsable root lists every app's endpoints."""
+
+    # Plain views the root should link too; a name that does not resolve is left out by DRF.
+    extra_root_views = {
+        "exchanges": "exchange-list",
+        "data/ohlcv": "data-ohlcv",
+        "data/indicators": "data-indicators",
+        "auth/token": "api-token",
+    }
+
+    def get_api_root_view(self, api_urls: list | None = None):
+        list_name = self.routes[0].name
+        api_root_dict = {prefix: list_name.format(basename=basename) for prefix, _, basename in self.registry}
+        return self.APIRootView.as_view(api_root_dict={**api_root_dict, **self.extra_root_views})
+
+
+api_router = ApiRouter()
 for app_router in (connectors_router, jobs_router, ratelimits_router):
     api_router.registry.extend(app_router.registry)
 # Accept paths with or without the trailing slash: a POST to `jobs/bulk` must not hit APPEND_SLASH's

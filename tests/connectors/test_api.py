@@ -152,3 +152,12 @@ def test_exchange_detail_of_an_unknown_id_is_a_400(api_client, db) -> None:
 
     assert response.status_code == 400
     assert "Unknown exchange id 'nope'" in str(response.data["exchange_id"])
+
+
+def test_a_connector_created_concurrently_is_a_400_not_a_500(binance) -> None:
+    from rest_framework.exceptions import ValidationError
+
+    from apps.connectors.serializers import ConnectorSerializer
+
+    with pytest.raises(ValidationError, match="already exists"):
+        ConnectorSerializer().create({"exchange_id": "binance"})

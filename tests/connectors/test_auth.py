@@ -60,3 +60,9 @@ def test_schema_and_swagger_ui_are_served(client, db) -> None:
     paths = schema.json()["paths"]
     assert any(p.startswith("/api/v1/jobs") and "bulk" in p for p in paths)
     assert docs.status_code == 200
+
+
+def test_api_root_links_every_endpoint(api_client) -> None:
+    response = api_client.get("/api/v1/")
+
+    assert {"connectors", "jobs", "runs", "ratelimits", "exchanges", "auth/token"} <= set(response.data)

@@ -312,3 +312,25 @@ def test_runs_are_read_only_and_filtered_by_job(api_client, job, simulated) -> N
 def test_deleting_a_job_removes_it(api_client, job) -> None:
     assert api_client.delete(f"/api/v1/jobs/{job.pk}/").status_code == 204
     assert not Job.objects.exists()
+
+
+def test_a_job_created_concurrently_is_a_400_not_a_500(job, simulated) -> None:
+    # The race: validation saw no duplicate, then another request inserted the same series.
+    from rest_framework.exceptions import ValidationError
+
+    from apps.jobs.serializers import JobSerializer
+
+    with pytest.raises(ValidationError, match="already exists"):
+        JobSerializer().create({"connector": simulated, "symbol": "BTC/USDT", "timeframe": "1m"})
+    assert Job.objects.count() == 1
+
+
+def test_bulk_that_loses_a_race_creates_nothing(job, simulated) -> None:
+    from rest_framework.exceptions import ValidationError
+
+    from apps.jobs.serializers import BulkJobSerializer
+
+    data = {"connector": simulated, "symbols": ["ETH/USDT", "BTC/USDT"], "timeframes": ["1m"], "status": "active"}
+    with pytest.raises(ValidationError, match="nothing was created"):
+        BulkJobSerializer().create(data)
+    assert list(Job.objects.values_list("symbol", flat=True)) == ["BTC/USDT"]
