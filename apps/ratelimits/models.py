@@ -71,7 +71,7 @@ def _decide(row: "RateLimit", weight: float, now: datetime) -> _Decision:
 _ACQUIRE_SQL = """
 WITH cur AS (
     SELECT r.id, r.capacity, r.refill_per_second, r.tokens, r.updated_at,
-           GREATEST(COALESCE(r.blocked_until, '-infinity'), COALESCE(r.circuit_open_until, '-infinity')) AS blocked,
+           GREATEST(r.blocked_until, r.circuit_open_until) AS blocked,  -- GREATEST skips NULLs
            t.now
     FROM ratelimits_ratelimit r, (SELECT clock_timestamp() AS now) t
     WHERE r.exchange_id = %(exchange_id)s
@@ -83,9 +83,9 @@ WITH cur AS (
     FROM cur
 ), decision AS (
     SELECT calc.*,
-           (blocked <= now AND refilled >= %(weight)s AND %(weight)s <= capacity) AS ok,
+           ((blocked IS NULL OR blocked <= now) AND refilled >= %(weight)s AND %(weight)s <= capacity) AS ok,
            GREATEST(
-               GREATEST(0, EXTRACT(EPOCH FROM (blocked - now))::float8),
+               COALESCE(GREATEST(0, EXTRACT(EPOCH FROM (blocked - now))::float8), 0),
                CASE WHEN refilled >= %(weight)s THEN 0
                     WHEN refill_per_second > 0 THEN (%(weight)s - refilled) / refill_per_second
                     ELSE %(no_refill_wait)s END
@@ -119,7 +119,7 @@ SET tokens = GREATEST(0, LEAST(
         %(remaining)s)),
     updated_at = c.now,
     blocked_until = CASE WHEN %(remaining)s <= 0
-        THEN GREATEST(COALESCE(r.blocked_until, '-infinity'), date_trunc('minute', c.now) + interval '1 minute')
+        THEN GREATEST(r.blocked_until, date_trunc('minute', c.now) + interval '1 minute')
         ELSE r.blocked_until END
 FROM cur c
 WHERE r.id = c.id
@@ -128,8 +128,7 @@ RETURNING r.tokens
 
 _BLOCK_SQL = """
 UPDATE ratelimits_ratelimit
-SET blocked_until = GREATEST(COALESCE(blocked_until, '-infinity'),
-                             clock_timestamp() + make_interval(secs => %(seconds)s)),
+SET blocked_until = GREATEST(blocked_until, clock_timestamp() + make_interval(secs => %(seconds)s)),
     tokens = 0,
     updated_at = GREATEST(updated_at, clock_timestamp())
 WHERE exchange_id = %(exchange_id)s
