@@ -541,13 +541,11 @@ def coverage(
     refreshing every series every second.
     """
     if uses_mongo():
-        query = _mongo_filter(exchange_id, symbol, timeframe, start_ts, end_ts)
-        collection = get_mongo_db()[CANDLES]
-        first = collection.find_one(query, {"_id": 0, "ts": 1}, sort=[("ts", 1)])
-        if first is None:
+        bounds = _stored_bounds(exchange_id, symbol, timeframe, start_ts, end_ts)
+        if bounds is None:
             return Coverage(None, None, 0)
-        last = collection.find_one(query, {"_id": 0, "ts": 1}, sort=[("ts", -1)])
-        return Coverage(first["ts"], last["ts"], collection.count_documents(query))
+        query = _mongo_filter(exchange_id, symbol, timeframe, start_ts, end_ts)
+        return Coverage(*bounds, get_mongo_db()[CANDLES].count_documents(query))
     stats = _sql_series(exchange_id, symbol, timeframe, start_ts, end_ts).aggregate(
         first=Min("ts"), last=Max("ts"), count=Count("ts")
     )
@@ -667,27 +665,45 @@ def find_gaps(
     if is_calendar_timeframe(timeframe):
         return _calendar_gaps(exchange_id, symbol, timeframe, start_ts, end_ts)
     step = timeframe_ms(timeframe)
-    stored = coverage(exchange_id, symbol, timeframe, start_ts, end_ts)
-    if stored.count == 0:
+    stored = _stored_bounds(exchange_id, symbol, timeframe, start_ts, end_ts)
+    if stored is None:
         if start_ts is None or end_ts is None:
             return []
         anchor = _grid_anchor(timeframe, first_ts(exchange_id, symbol, timeframe))
         first, last = _align_up(start_ts, anchor, step), _align_down(end_ts, anchor, step)
         return [(first, last)] if first <= last else []
+    first, last = stored
     gaps: list[tuple[int, int]] = []
     if start_ts is not None:
-        first_slot = _align_up(start_ts, stored.first_ts, step)
-        if first_slot < stored.first_ts:
-            gaps.append((first_slot, stored.first_ts - step))
+        first_slot = _align_up(start_ts, first, step)
+        if first_slot < first:
+            gaps.append((first_slot, first - step))
     if uses_mongo():
-        gaps.extend(_mongo_holes(exchange_id, symbol, timeframe, stored.first_ts, stored.last_ts, step))
+        gaps.extend(_mongo_holes(exchange_id, symbol, timeframe, first, last, step))
     else:
-        gaps.extend(_sql_holes(exchange_id, symbol, timeframe, stored.first_ts, stored.last_ts, step))
+        gaps.extend(_sql_holes(exchange_id, symbol, timeframe, first, last, step))
     if end_ts is not None:
-        last_slot = _align_down(end_ts, stored.last_ts, step)
-        if last_slot > stored.last_ts:
-            gaps.append((stored.last_ts + step, last_slot))
+        last_slot = _align_down(end_ts, last, step)
+        if last_slot > last:
+            gaps.append((last + step, last_slot))
     return gaps
+
+
+def _stored_bounds(
+    exchange_id: str, symbol: str, timeframe: str, start_ts: int | None, end_ts: int | None
+) -> tuple[int, int] | None:
+    """First and last stored ts within the bounds: two index lookups, unlike coverage() which counts."""
+    if uses_mongo():
+        query = _mongo_filter(exchange_id, symbol, timeframe, start_ts, end_ts)
+        collection = get_mongo_db()[CANDLES]
+        first = collection.find_one(query, {"_id": 0, "ts": 1}, sort=[("ts", 1)])
+        if first is None:
+            return None
+        last = collection.find_one(query, {"_id": 0, "ts": 1}, sort=[("ts", -1)])
+        return first["ts"], last["ts"]
+    # min() and max() alone let PostgreSQL answer each from one end of the index.
+    stats = _sql_series(exchange_id, symbol, timeframe, start_ts, end_ts).aggregate(first=Min("ts"), last=Max("ts"))
+    return None if stats["first"] is None else (stats["first"], stats["last"])
 
 
 def _sql_holes(
