@@ -58,7 +58,7 @@ from ta.volatility import BollingerBands
 from apps.connectors.exchanges import timeframe_ms
 from apps.marketdata import store
 from apps.marketdata.models import IndicatorRow
-from datacollector.config import BollingerConfig, IndicatorConfig, MacdConfig, get_config
+from datacollector.config import BollingerConfig, ConfigError, IndicatorConfig, MacdConfig, get_config
 
 EPSILON = 1e-10
 PRICE_SEED_BOUND = 10.0
@@ -133,6 +133,13 @@ class IndicatorSet:
     """The configured indicators: their columns, stability horizons and the computation itself."""
 
     config: IndicatorConfig
+
+    def __post_init__(self) -> None:
+        # The YAML loader checks MACD and Bollinger periods; plain period lists are checked here.
+        for family in ("sma", "ema", "rsi"):
+            for i, period in enumerate(getattr(self.config, family)):
+                if period < 1:
+                    raise ConfigError(f"indicators.{family}[{i}]: must be greater than 0, got {period!r}")
 
     @functools.cached_property
     def columns(self) -> tuple[Column, ...]:

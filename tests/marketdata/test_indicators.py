@@ -12,7 +12,7 @@ import talib
 from backtesting.test import BTCUSD, EURUSD, GOOG
 
 from apps.marketdata.indicators import IndicatorSet, bollinger_columns, macd_columns
-from datacollector.config import BollingerConfig, IndicatorConfig, MacdConfig
+from datacollector.config import BollingerConfig, ConfigError, IndicatorConfig, MacdConfig
 
 DEFAULT = IndicatorSet(IndicatorConfig())
 CUSTOM = IndicatorSet(
@@ -265,3 +265,8 @@ def test_too_short_series_is_all_null():
     values = DEFAULT.compute(np.array([1.0, 2.0, 3.0]))
     assert all(np.isnan(column).all() for column in values.values())
     assert all(len(column) == 0 for column in DEFAULT.compute(np.array([])).values())
+
+
+def test_a_period_below_one_is_a_config_error_naming_the_key():
+    with pytest.raises(ConfigError, match=r"indicators\.ema\[1\]: must be greater than 0, got 0"):
+        IndicatorSet(IndicatorConfig(ema=(12, 0)))

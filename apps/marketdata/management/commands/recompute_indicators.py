@@ -1,0 +1,93 @@
+"""`manage.py recompute_indicators`: rebuild the stored indicators of an exchange's series from their candles.
+
+Run it after changing `indicators` in the collector YAML: every row of the chosen series is rewritten
+with exactly the configured columns (columns no longer configured disappear), and rows whose candle no
+longer exists are deleted. Collection keeps indicators current on its own; this is for config changes
+and repairs. Safe beside a running scheduler: both write the same values for the same candles.
+"""
+
+import sys
+import time
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from tqdm import tqdm
+
+from apps.connectors.exchanges import is_known_exchange, is_valid_timeframe_syntax
+from apps.marketdata import store
+from apps.marketdata.indicators import indicator_set, recompute_series
+from datacollector.config import ConfigError
+
+
+def _split(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+class Command(BaseCommand):
+    help = "Recompute the stored indicators of one exchange's series (all, or the given symbols and timeframes)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--exchange", required=True, help="Exchange id whose stored series to recompute.")
+        parser.add_argument("--symbol", help="Only these ccxt symbols, comma-separated (BTC/USDT,ETH/USDT).")
+        parser.add_argument("--timeframe", help="Only these timeframes, comma-separated (1m,1h).")
+
+    def handle(self, *args, **options) -> None:
+        try:
+            indicators = indicator_set()
+        except ConfigError as error:
+            raise CommandError(f"collector configuration: {error}") from None
+        series = self.select_series(options)
+
+        started = time.monotonic()
+        bar = tqdm(
+            total=sum(s.count for s in series),
+            unit=" candles",
+            unit_scale=True,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            disable=options["verbosity"] == 0,
+            desc=f"{options['exchange']} indicators",
+        )
+        rows = 0
+        for s in series:
+            bar.set_postfix_str(f"{s.symbol} {s.timeframe}")
+            rows += recompute_series(s.exchange_id, s.symbol, s.timeframe, indicators.config)
+            bar.update(s.count)
+        bar.close()
+        self.stdout.write(
+            f"Recomputed {len(series)} series ({rows} rows) in {time.monotonic() - started:.1f}s; "
+            f"columns: {', '.join(indicators.names)}"
+        )
+
+    def select_series(self, options: dict) -> list[store.SeriesCoverage]:
+        """The stored series matching the options; every option that matches nothing is an error naming it."""
+        exchange_id = options["exchange"].strip()
+        symbols, timeframes = _split(options["symbol"]), _split(options["timeframe"])
+        if not is_known_exchange(exchange_id):
+            raise CommandError(f"--exchange {exchange_id!r} is not a ccxt exchange id (e.g. binance) or simulated.")
+        bad = [t for t in timeframes if not is_valid_timeframe_syntax(t)]
+        if bad:
+            raise CommandError(
+                f"--timeframe {bad[0]!r} is not well formed: a positive number and one of s m h d w M y (e.g. 1m, 4h)."
+            )
+        stored = [s for s in store.list_series_coverage() if s.exchange_id == exchange_id]
+        if not stored:
+            raise CommandError(f"--exchange {exchange_id!r} has no stored candles; nothing to recompute.")
+        for option, wanted, have in (
+            ("--symbol", symbols, {s.symbol for s in stored}),
+            ("--timeframe", timeframes, {s.timeframe for s in stored}),
+        ):
+            missing = [value for value in wanted if value not in have]
+            if missing:
+                raise CommandError(
+                    f"{option} {', '.join(missing)}: no stored candles on {exchange_id}; "
+                    f"stored: {', '.join(sorted(have))}."
+                )
+        selected = [
+            s for s in stored if (not symbols or s.symbol in symbols) and (not timeframes or s.timeframe in timeframes)
+        ]
+        if not selected:
+            raise CommandError(
+                f"--symbol and --timeframe select no stored series on {exchange_id} "
+                f"(stored: {', '.join(f'{s.symbol} {s.timeframe}' for s in stored)})."
+            )
+        return selected
