@@ -44,7 +44,7 @@ at the series start, so the null prefix is always counted from the series start.
 import dataclasses
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -460,6 +460,29 @@ def read_indicators(
     if limit is not None:
         queryset = queryset[:limit]
     return list(queryset.values_list("ts", "values"))
+
+
+def iter_indicators(
+    exchange_id: str,
+    symbol: str,
+    timeframe: str,
+    start_ts: int | None = None,
+    end_ts: int | None = None,
+    limit: int | None = None,
+    chunk_size: int = store.ITER_CHUNK,
+) -> Iterator[tuple[int, dict[str, float | None]]]:
+    """Like read_indicators, one chunk (a keyset-paged query) in memory at a time."""
+    remaining = limit
+    next_start = start_ts
+    while remaining is None or remaining > 0:
+        size = chunk_size if remaining is None else min(chunk_size, remaining)
+        chunk = read_indicators(exchange_id, symbol, timeframe, next_start, end_ts, size)
+        yield from chunk
+        if len(chunk) < size:
+            return
+        if remaining is not None:
+            remaining -= len(chunk)
+        next_start = chunk[-1][0] + 1
 
 
 def _series_query(

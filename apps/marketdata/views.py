@@ -7,6 +7,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from apps.marketdata import store
+from apps.marketdata.indicators import indicator_set, iter_indicators, read_indicators
 from apps.marketdata.serializers import (
     CSVRenderer,
     SeriesQuerySerializer,
@@ -53,6 +54,47 @@ def ohlcv(request: Request) -> Response | StreamingHttpResponse:
     return Response(cursor_page(request, params, [candle_dict(row) for row in rows], limit))
 
 
+@extend_schema(
+    parameters=[
+        SeriesQuerySerializer,
+        OpenApiParameter("format", OpenApiTypes.STR, enum=["json", "csv"], description="csv streams every row."),
+    ],
+    responses={(200, "application/json"): OpenApiTypes.OBJECT, (200, "text/csv"): OpenApiTypes.STR},
+)
 @api_view(["GET"])
-def indicators(request: Request) -> Response:
-    return Response({"detail": "Not implemented yet."}, status=501)
+@renderer_classes([JSONRenderer, BrowsableAPIRenderer, CSVRenderer])
+def indicators(request: Request) -> Response | StreamingHttpResponse:
+    """Stored indicators of one series, one row per candle, oldest first, bounds inclusive.
+
+    Each row has `ts`, `time` and one column per configured indicator (`sma_20`, `ema_12`, `rsi_14`,
+    `macd`, `macd_signal`, `macd_hist`, `bb_upper`, `bb_middle`, `bb_lower`, ...; `columns` lists them).
+    A value is null until the indicator equals its textbook definition (TA-Lib) within 1e-8, e.g. for
+    the first ~450 candles of RSI 14. Paging and `?format=csv` work as for `/data/ohlcv`.
+    """
+    query = SeriesQuerySerializer(data=request.query_params)
+    query.is_valid(raise_exception=True)
+    params = query.validated_data
+    series = (params["exchange_id"], params["symbol"], params["timeframe"])
+    names = indicator_set().names
+    bounds = {"start_ts": params.get("start"), "end_ts": params.get("end")}
+
+    def row_dict(ts: int, values: dict) -> dict:
+        return {"ts": ts, "time": format_time(ts), **{name: values.get(name) for name in names}}
+
+    if request.accepted_renderer.format == "csv":
+        limit = params["limit"] if "limit" in request.query_params else None
+        rows = iter_indicators(*series, **bounds, limit=limit)
+        response = StreamingHttpResponse(
+            csv_stream(
+                ["ts", "time", *names],
+                ([ts, format_time(ts), *(values.get(name) for name in names)] for ts, values in rows),
+            ),
+            content_type="text/csv; charset=utf-8",
+        )
+        filename = "-".join(part.replace("/", "").replace(":", "") for part in series)
+        response["Content-Disposition"] = f'attachment; filename="{filename}-indicators.csv"'
+        return response
+    limit = params["limit"]
+    rows = read_indicators(*series, **bounds, limit=limit + 1)
+    page = cursor_page(request, params, [row_dict(ts, values) for ts, values in rows], limit)
+    return Response({**page, "columns": names})

@@ -118,11 +118,11 @@ def test_incremental_updates_equal_a_full_recompute_on_each_backend(candle_store
     # Short periods keep the warm-up (and so the series) small: mongomock-ng upserts are slow.
     indicators = indicator_set()
     assert indicators.warmup < 100
-    close = random_walk(n=400, seed=22)
+    close = random_walk(n=300, seed=22)
     put_candles(close[:150])
     update_indicators(*SERIES, ts_of(0))
-    for start in range(150, 400, 125):
-        assert update_indicators(*SERIES, put_candles(close[start : start + 125], start)) == 125
+    for start in range(150, 300, 75):
+        assert update_indicators(*SERIES, put_candles(close[start : start + 75], start)) == 75
     assert_equals_full_recompute(indicators)
 
 
