@@ -213,7 +213,9 @@ class _Guard:
         policy = RETRY_POLICY
 
         def wait(state: tenacity.RetryCallState) -> float:
-            backoff = tenacity.wait_exponential_jitter(initial=policy.initial_seconds, max=policy.max_seconds)(state)
+            # Full jitter: a random wait up to the exponential ceiling, so workers that failed together
+            # do not come back together.
+            backoff = tenacity.wait_random_exponential(multiplier=policy.initial_seconds, max=policy.max_seconds)(state)
             exc = state.outcome.exception() if state.outcome else None
             retry_after = getattr(exc, "retry_after", None) or 0.0
             return max(backoff, retry_after)
@@ -231,12 +233,16 @@ class _Guard:
             raise TransientExchangeError(str(exc), exc.retry_after) from exc
 
     def _attempt(self, weight: int, send: Callable[[], T], headers: Callable[[], Any], policy: RetryPolicy) -> T:
-        from apps.ratelimits.models import RateLimit
+        from apps.ratelimits.models import RateLimit, RateLimitTimeout
 
         self._check_circuit()
-        self.stats.rate_limit_wait += RateLimit.objects.acquire(
-            self.exchange_id, weight, policy.acquire_timeout_seconds
-        )
+        try:
+            self.stats.rate_limit_wait += RateLimit.objects.acquire(
+                self.exchange_id, weight, policy.acquire_timeout_seconds
+            )
+        except RateLimitTimeout as exc:
+            # Not an exchange failure: the shared budget is spent (or the exchange banned us for a while).
+            raise TransientExchangeError(str(exc), exc.wait) from exc
         self.stats.requests += 1
         try:
             result = send()
@@ -312,6 +318,8 @@ class ExchangeProfile:
     page_limit: int | None = None  # None: ccxt's features, else 500
     markets_weight: int = 1
     time_weight: int = 1
+    # The exchange's own weight limit per minute, which its used-weight header counts against.
+    weight_limit_per_minute: int | None = None
     # Options merged UNDER the connector's (the connector wins), keeping ccxt to what collection needs.
     default_config: dict = dataclasses.field(default_factory=dict)
 
@@ -325,6 +333,7 @@ PROFILES: dict[str, ExchangeProfile] = {
         page_limit=1000,
         markets_weight=20,
         time_weight=1,
+        weight_limit_per_minute=6000,
         default_config={"options": {"fetchMarkets": {"types": ["spot"]}, "fetchMargins": False}},
     ),
 }
@@ -562,7 +571,12 @@ def get_client(connector: Any) -> ExchangeClient:
     Reuse keeps the loaded markets (Binance exchangeInfo weighs 20) and the HTTP session; one instance
     per thread because neither ccxt's sync client nor its session is meant to be shared across threads.
     """
-    weight_limit = (connector.rate_limit_weight_per_minute or 0) + (connector.rate_limit_burst or 0) or None
+    # What the exchange's used-weight header is measured against: its published limit where we know
+    # it, else the most this connector's bucket can grant in one minute.
+    profile = PROFILES.get(connector.exchange_id, _DEFAULT_PROFILE)
+    weight_limit = profile.weight_limit_per_minute or (
+        (connector.rate_limit_weight_per_minute or 0) + (connector.rate_limit_burst or 0) or None
+    )
     key = json.dumps(
         [
             connector.exchange_id,

@@ -14,10 +14,12 @@ bodies, latency) are configurable; faults are drawn from a seeded random generat
 Used by tests/jobs/test_binance_integration.py and benchmarks/bench_backfill.py; binds 127.0.0.1:0.
 """
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import random
 import struct
 import threading
@@ -77,12 +79,16 @@ class FakeBinance:
         latency_ms: float = 0.0,
         faults: Faults | None = None,
         holes: dict[tuple[str, str], list[tuple[int, int]]] | None = None,
+        window_seconds: float = 60.0,
     ) -> None:
         """`symbols` maps a unified symbol (BTC/USDT) to its listing time in ms; `now_ms` None: real time;
-        `holes` maps (symbol, interval) to inclusive (first, last) open-time ranges the exchange lacks."""
+        `holes` maps (symbol, interval) to inclusive (first, last) open-time ranges the exchange lacks;
+        `window_seconds` is the fixed window weight is counted in (Binance: a clock minute; tests shorten it)."""
         self.listings = {market_id(s): (s, listing) for s, listing in symbols.items()}
         self.fixed_now_ms = now_ms
         self.weight_limit = weight_limit
+        self.window_seconds = window_seconds
+        self.script: collections.deque[str] = collections.deque()  # faults for the next klines requests, first
         self.latency = latency_ms / 1000.0
         self.faults = faults or Faults()
         self.holes = {(market_id(s), i): ranges for (s, i), ranges in (holes or {}).items()}
@@ -91,9 +97,8 @@ class FakeBinance:
         self._minute = -1
         self._used = 0
         self._banned_until = 0.0
-        self.foreign_weight = 0  # weight "someone else on this IP" used this minute (added on rollover)
         self.counts: Counter[str] = Counter()  # requests, 429, 418, injected faults, weight
-        self.weight_per_minute: dict[int, int] = {}  # wall-clock minute -> weight used
+        self.weight_per_minute: dict[int, int] = {}  # window number (wall clock // window) -> weight used
         self.klines_requests: list[dict] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -214,13 +219,13 @@ class FakeBinance:
         """Count `weight` in the current fixed minute: (used, retry_after, status) with status 429/418."""
         with self._lock:
             wall = time.time()
-            minute = int(wall // 60)
+            minute = int(wall // self.window_seconds)
             if minute != self._minute:
-                self._minute, self._used = minute, self.foreign_weight
+                self._minute, self._used = minute, 0
             self._used += weight
             self.counts["weight"] += weight
             self.weight_per_minute[minute] = self.weight_per_minute.get(minute, 0) + weight
-            to_next_minute = (minute + 1) * 60 - wall
+            to_next_minute = (minute + 1) * self.window_seconds - wall
             if wall < self._banned_until:
                 # Binance: ignoring a 429's Retry-After gets the IP banned (418), for longer each time.
                 self._banned_until = wall + 120
@@ -229,12 +234,20 @@ class FakeBinance:
             if self._used > self.weight_limit:
                 self._banned_until = wall + to_next_minute
                 self.counts["429"] += 1
-                return self._used, max(1.0, round(to_next_minute)), 429
+                return self._used, max(1, math.ceil(to_next_minute)), 429
             return self._used, None, None
+
+    def use_weight(self, weight: int) -> None:
+        """Someone else on this IP spends `weight` in the current window (another program, a browser)."""
+        with self._lock:
+            minute = int(time.time() // self.window_seconds)
+            if minute != self._minute:
+                self._minute, self._used = minute, 0
+            self._used += weight
 
     def used_weight(self) -> int:
         with self._lock:
-            return self._used if self._minute == int(time.time() // 60) else 0
+            return self._used if self._minute == int(time.time() // self.window_seconds) else 0
 
     # --- Serving --------------------------------------------------------------------------------------
 
@@ -273,6 +286,9 @@ class FakeBinance:
     def draw_fault(self) -> str | None:
         faults = self.faults
         with self._lock:
+            if self.script:
+                fault = self.script.popleft()
+                return fault or None
             roll = self._random.random()
         for name in ("server_error", "timeout", "short_page", "empty_page", "truncated"):
             share = getattr(faults, name)
