@@ -259,3 +259,11 @@ def test_without_mongodb_uri_there_is_no_mongo_client(sql_store):
     assert store.uses_mongo() is False
     with pytest.raises(ImproperlyConfigured, match="MONGODB_URI"):
         store.get_mongo_db()
+
+
+def test_rows_as_tuples_and_huge_finite_values_are_accepted(candle_store):
+    huge = [T0, 1e308, 1.5e308, 1e308, 1.2e308, 1e308]  # their sum overflows; each value is finite
+    as_tuple = (T0 + MINUTE, 1.0, 2.0, 0.5, 1.5, 3.0)
+
+    assert store.upsert_candles(*SERIES, [huge, as_tuple]) == UpsertResult(2, 0, 0)
+    assert store.read_candles(*SERIES) == [huge, list(as_tuple)]
