@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from numbers import Real
 from typing import Any, NamedTuple
+from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 from django.conf import settings
@@ -195,20 +196,26 @@ def get_mongo_client() -> Any:
             return _client
         if not settings.MONGODB_URI:
             raise ImproperlyConfigured("MONGODB_URI is not set: the candle store is the embedded (SQL) one.")
-        _client = MongoClient(
-            settings.MONGODB_URI,
-            tz_aware=True,
-            appname="datacollector",
-            # Fail fast when the server is unreachable instead of pymongo's 30 s default, so a job run
-            # fails with a clear error and is retried with backoff.
-            serverSelectionTimeoutMS=5_000,
-            connectTimeoutMS=5_000,
-            # Long enough for a gap aggregation over a multi-million candle series.
-            socketTimeoutMS=300_000,
-        )
+        _client = MongoClient(settings.MONGODB_URI, tz_aware=True, **_client_defaults(settings.MONGODB_URI))
         _client_pid = os.getpid()
         _indexes_ensured = False
     return _client
+
+
+# Fail fast when the server is unreachable instead of pymongo's 30 s default, so a job run fails with a
+# clear error and is retried with backoff; allow long reads for a gap aggregation over a huge series.
+_CLIENT_DEFAULTS = {
+    "appname": "datacollector",
+    "serverSelectionTimeoutMS": 5_000,
+    "connectTimeoutMS": 5_000,
+    "socketTimeoutMS": 300_000,
+}
+
+
+def _client_defaults(uri: str) -> dict[str, Any]:
+    """Our defaults for the options the URI does not set (pymongo lets keyword arguments win)."""
+    given = {key.lower() for key in parse_qs(urlsplit(uri).query)}
+    return {key: value for key, value in _CLIENT_DEFAULTS.items() if key.lower() not in given}
 
 
 def get_mongo_db() -> Any:

@@ -1,6 +1,10 @@
+import logging
+from itertools import chain, islice
+
 from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
+from pymongo.errors import PyMongoError
 from rest_framework.decorators import api_view, renderer_classes
 from rest_framework.renderers import BrowsableAPIRenderer, JSONRenderer
 from rest_framework.request import Request
@@ -18,6 +22,15 @@ from apps.marketdata.serializers import (
 )
 
 CANDLE_COLUMNS = ["ts", "time", "open", "high", "low", "close", "volume"]
+
+logger = logging.getLogger(__name__)
+
+
+def store_unavailable(error: Exception) -> Response:
+    """503 for a MongoDB candle store that cannot be reached: the client may retry, nothing is wrong
+    with its request."""
+    logger.error("Candle store unavailable: %s", error)
+    return Response({"detail": "The candle store (MongoDB) is unavailable; retry later."}, status=503)
 
 
 @extend_schema(
@@ -39,18 +52,24 @@ def ohlcv(request: Request) -> Response | StreamingHttpResponse:
     query.is_valid(raise_exception=True)
     params = query.validated_data
     series = (params["exchange_id"], params["symbol"], params["timeframe"])
-    if request.accepted_renderer.format == "csv":
-        limit = params["limit"] if "limit" in request.query_params else None
-        rows = store.iter_candles(*series, start_ts=params.get("start"), end_ts=params.get("end"), limit=limit)
-        response = StreamingHttpResponse(
-            csv_stream(CANDLE_COLUMNS, ([row[0], format_time(row[0]), *row[1:]] for row in rows)),
-            content_type="text/csv; charset=utf-8",
-        )
-        filename = "-".join(part.replace("/", "").replace(":", "") for part in series)
-        response["Content-Disposition"] = f'attachment; filename="{filename}.csv"'
-        return response
-    limit = params["limit"]
-    rows = store.read_candles(*series, start_ts=params.get("start"), end_ts=params.get("end"), limit=limit + 1)
+    start, end = params.get("start"), params.get("end")
+    try:
+        if request.accepted_renderer.format == "csv":
+            limit = params["limit"] if "limit" in request.query_params else None
+            rows = store.iter_candles(*series, start_ts=start, end_ts=end, limit=limit)
+            # Run the first query now, so that an unreachable store is a 503 rather than a cut stream.
+            first = list(islice(rows, 1))
+            response = StreamingHttpResponse(
+                csv_stream(CANDLE_COLUMNS, ([row[0], format_time(row[0]), *row[1:]] for row in chain(first, rows))),
+                content_type="text/csv; charset=utf-8",
+            )
+            filename = "-".join(part.replace("/", "").replace(":", "") for part in series)
+            response["Content-Disposition"] = f'attachment; filename="{filename}.csv"'
+            return response
+        limit = params["limit"]
+        rows = store.read_candles(*series, start_ts=start, end_ts=end, limit=limit + 1)
+    except PyMongoError as error:
+        return store_unavailable(error)
     return Response(cursor_page(request, params, [candle_dict(row) for row in rows], limit))
 
 

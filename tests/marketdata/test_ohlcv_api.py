@@ -181,3 +181,17 @@ def test_csv_errors_are_a_400_in_csv(api_client, sql_store):
     lines = response.content.decode().splitlines()
     assert lines[0] == "field,error"
     assert lines[1].startswith("timeframe,")
+
+
+@pytest.mark.parametrize("output", ["json", "csv"])
+def test_an_unreachable_mongodb_is_a_503_not_a_500(api_client, settings, output):
+    # A real pymongo client pointed at a closed local port: nothing listens on 127.0.0.1:9.
+    settings.MONGODB_URI = "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=200&connectTimeoutMS=200"
+    store.reset_mongo_client()
+    try:
+        response = api_client.get(URL, {**SERIES, "format": output})
+    finally:
+        store.reset_mongo_client()
+
+    assert response.status_code == 503
+    assert "unavailable" in response.content.decode()
