@@ -342,6 +342,10 @@ _DEFAULT_PROFILE = ExchangeProfile()
 
 MARKETS_TTL_SECONDS = 3600.0
 
+# Loaded markets per (exchange id, urls/options), shared by the clients of this process' threads.
+_markets_cache: dict[str, tuple[float, dict]] = {}
+_markets_lock = threading.Lock()
+
 
 def _deep_merge(base: dict, override: dict) -> dict:
     merged = copy.deepcopy(base)
@@ -371,6 +375,7 @@ class CcxtClient:
         config["enableRateLimit"] = False
         config.update(credentials or {})
         self.exchange: ccxt.Exchange = getattr(ccxt, exchange_id)(config)
+        self._markets_key = json.dumps([exchange_id, options or {}], sort_keys=True, default=str)
         self._guard = _Guard(exchange_id, weight_limit_per_minute)
         self.stats = self._guard.stats
         self._markets_loaded_at: float | None = None
@@ -387,10 +392,20 @@ class CcxtClient:
         return self._guard.call(weight, send, self._headers)
 
     def _ensure_markets(self) -> None:
-        stale = self._markets_loaded_at is None or time.monotonic() - self._markets_loaded_at > MARKETS_TTL_SECONDS
-        if stale:
+        fresh = self._markets_loaded_at is not None and time.monotonic() - self._markets_loaded_at < MARKETS_TTL_SECONDS
+        if fresh:
+            return
+        # The threads of one process share what one of them loaded (Binance's exchangeInfo weighs 20).
+        with _markets_lock:
+            loaded_at, markets = _markets_cache.get(self._markets_key, (None, None))
+        if loaded_at is None or time.monotonic() - loaded_at >= MARKETS_TTL_SECONDS:
             self._request(self.profile.markets_weight, lambda: self.exchange.load_markets(reload=True))
-            self._markets_loaded_at = time.monotonic()
+            loaded_at = time.monotonic()
+            with _markets_lock:
+                _markets_cache[self._markets_key] = (loaded_at, self.exchange.markets)
+        else:
+            self.exchange.set_markets(markets)
+        self._markets_loaded_at = loaded_at
 
     def page_limit(self) -> int:
         if self.profile.page_limit:
@@ -601,5 +616,7 @@ def get_client(connector: Any) -> ExchangeClient:
 
 
 def clear_clients() -> None:
-    """Forget this thread's clients (tests, or after a connector's settings changed in place)."""
+    """Forget this thread's clients and the shared markets (tests, or after a connector changed in place)."""
     _local.__dict__.pop("clients", None)
+    with _markets_lock:
+        _markets_cache.clear()

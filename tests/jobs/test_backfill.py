@@ -1,0 +1,190 @@
+"""`manage.py backfill`: argument validation, collection through the jobs, resuming after Ctrl-C.
+
+Collection runs in worker threads with their own database connections, so those tests are
+transactional (the threads must see committed rows); the Ctrl-C test runs the real command in a
+subprocess and interrupts it with SIGINT.
+"""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import time_machine
+from django.core.management import CommandError, call_command
+from django.db import connection
+
+from apps.connectors import exchanges
+from apps.connectors.exchanges import SimulatedClient
+from apps.connectors.models import Connector
+from apps.jobs.collect import datetime_to_ms
+from apps.jobs.management.commands.backfill import parse_when
+from apps.jobs.models import Job, Run
+from apps.marketdata import store
+
+NOW = datetime(2024, 3, 1, 12, 0, 30, tzinfo=UTC)
+MINUTE = 60_000
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def clean_clients(settings):
+    settings.MONGODB_URI = ""
+    store.reset_mongo_client()
+    exchanges.clear_clients()
+    yield
+    exchanges.clear_clients()
+
+
+@pytest.fixture
+def simulated(db) -> Connector:
+    return Connector.objects.create(exchange_id="simulated")
+
+
+def backfill(*args: str) -> str:
+    out = io.StringIO()
+    call_command("backfill", *args, stdout=out, stderr=io.StringIO(), verbosity=0)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2024-01-02", datetime(2024, 1, 2, tzinfo=UTC)),
+        ("2024-01-02T03:04", datetime(2024, 1, 2, 3, 4, tzinfo=UTC)),
+        ("2024-01-02 03:04:05", datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)),
+        ("2024-01-02T05:04:05+02:00", datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)),
+        ("1704164645000", datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)),
+    ],
+)
+def test_dates_are_iso_in_utc_or_epoch_milliseconds(value, expected):
+    assert parse_when(value, "--since") == datetime_to_ms(expected)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--exchange", "nope"], "--exchange: Unknown exchange id 'nope'"),
+        (["--exchange", "kraken"], "--exchange: No connector is configured for exchange 'kraken'"),
+        (["--timeframe", "7m"], "--timeframe: Timeframe '7m' is not offered by simulated; it offers: 1m"),
+        (["--symbol", "BTCUSDT"], "--symbol: Symbol 'BTCUSDT' is not a ccxt unified symbol"),
+        (["--symbol", "BTC/USDT,NOPE/USDT"], "--symbol: NOPE/USDT not listed by simulated"),
+        (["--since", "last week"], "--since 'last week' is not a date. Accepted: ISO 8601"),
+        (["--since", "1704164645"], "looks like epoch seconds"),
+        (["--since", "2999-01-01"], "is in the future"),
+        (["--until", "2023-12-31"], "--until '2023-12-31' must be after --since '2024-01-01'"),
+        (["--workers", "0"], "--workers must be at least 1"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_is_fetched(simulated, args, message):
+    defaults = {"--exchange": "simulated", "--symbol": "BTC/USDT", "--timeframe": "1h", "--since": "2024-01-01"}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        defaults[flag] = value
+    with pytest.raises(CommandError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        backfill(*[part for pair in defaults.items() for part in pair])
+    assert not Job.objects.exists()
+
+
+def test_a_disabled_connector_is_refused(simulated):
+    simulated.enabled = False
+    simulated.save()
+    with pytest.raises(CommandError, match="connector is disabled"):
+        backfill("--exchange", "simulated", "--symbol", "BTC/USDT", "--timeframe", "1h", "--since", "2024-01-01")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_backfill_collects_every_series_through_jobs_and_runs():
+    Connector.objects.create(exchange_id="simulated")
+    with time_machine.travel(NOW, tick=False):
+        output = backfill(
+            "--exchange", "simulated", "--symbol", "BTC/USDT,ETH/USDT", "--timeframe", "1m,1h",
+            "--since", "2024-02-29T12:00", "--workers", "3",
+        )  # fmt: skip
+
+    assert Job.objects.count() == 4
+    client = SimulatedClient()
+    for job in Job.objects.all():
+        step = 60_000 if job.timeframe == "1m" else 3_600_000
+        last_closed = datetime_to_ms(NOW) // step * step - step
+        expected_ts = list(range(datetime_to_ms(datetime(2024, 2, 29, 12, tzinfo=UTC)), last_closed + 1, step))
+        rows = store.read_candles("simulated", job.symbol, job.timeframe)
+        assert [row[0] for row in rows] == expected_ts
+        assert rows[7] == client.candle(job.symbol, job.timeframe, rows[7][0])
+        assert job.cursor == last_closed
+        assert job.lease_owner == ""
+        run = Run.objects.get(job=job)
+        assert run.status == Run.Status.SUCCESS
+        assert run.candles_written == len(expected_ts)
+        assert run.worker.startswith("backfill:")
+    assert "Backfill: 2928 candles written" in output
+    assert "0 rate-limit answers (429/418), 0 open gaps" in output
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_earlier_since_fills_the_history_before_what_is_stored():
+    args = ["--exchange", "simulated", "--symbol", "BTC/USDT", "--timeframe", "1h"]
+    Connector.objects.create(exchange_id="simulated")
+    with time_machine.travel(NOW, tick=False):
+        backfill(*args, "--since", "2024-02-29")
+        output = backfill(*args, "--since", "2024-02-28")
+
+    rows = store.read_candles("simulated", "BTC/USDT", "1h")
+    assert [row[0] for row in rows] == list(
+        range(datetime_to_ms(datetime(2024, 2, 28, tzinfo=UTC)), datetime_to_ms(NOW) - 3_600_000, 3_600_000)
+    )
+    assert "reused" in output
+    assert "24 candles written" in output
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_ctrl_c_stops_after_the_current_page_and_a_second_run_continues():
+    # 150 ms per request: slow enough to interrupt half-way through 6 pages of 1m candles.
+    Connector.objects.create(exchange_id="simulated", options={"latency_ms": 150})
+    since_ms = datetime_to_ms(datetime.now(UTC)) // MINUTE * MINUTE - 6_000 * MINUTE
+    settings_dict = connection.settings_dict
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"postgres://{settings_dict['USER']}@{settings_dict['HOST']}:{settings_dict['PORT']}/"
+        f"{settings_dict['NAME']}",
+        "SECRET_KEY": "x",
+        "MONGODB_URI": "",
+    }
+    command = [sys.executable, "manage.py", "backfill", "--exchange", "simulated", "--symbol", "BTC/USDT"]
+    command += ["--timeframe", "1m", "--since", str(since_ms)]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if Job.objects.filter(cursor__isnull=False).exists():
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the backfill stored no page within 60 s")
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    assert "Interrupted: run the same command again" in out
+    job = Job.objects.get()
+    first_cursor = job.cursor
+    assert since_ms < first_cursor < datetime_to_ms(datetime.now(UTC)) - 2 * MINUTE  # stopped half-way
+    stored_first = store.read_candles("simulated", "BTC/USDT", "1m")
+    assert [row[0] for row in stored_first] == list(range(since_ms, first_cursor + 1, MINUTE))
+
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    job.refresh_from_db()
+    rows = store.read_candles("simulated", "BTC/USDT", "1m")
+    assert [row[0] for row in rows] == list(range(since_ms, job.cursor + 1, MINUTE))
+    assert job.cursor >= datetime_to_ms(datetime.now(UTC)) // MINUTE * MINUTE - 3 * MINUTE
+    first_run, second_run = Run.objects.order_by("started_at")
+    assert first_run.candles_written + second_run.candles_written == len(rows)  # continued, not restarted
+    assert "(cursor " in result.stdout
