@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import psycopg
 from django.db import connection
 from pymongo import UpdateOne
 from ta.momentum import RSIIndicator
@@ -57,7 +58,7 @@ from ta.volatility import BollingerBands
 
 from apps.connectors.exchanges import timeframe_ms
 from apps.marketdata import store
-from apps.marketdata.models import IndicatorRow
+from apps.marketdata.models import Candle, IndicatorRow
 from datacollector.config import BollingerConfig, ConfigError, IndicatorConfig, MacdConfig, get_config
 
 EPSILON = 1e-10
@@ -304,47 +305,62 @@ def recompute_series(exchange_id: str, symbol: str, timeframe: str, config: Indi
 
 
 def _recompute(exchange_id: str, symbol: str, timeframe: str, from_ts: int, indicators: IndicatorSet) -> int:
-    history, at_series_start = _warmup_history(exchange_id, symbol, timeframe, from_ts, indicators)
-    ts, close = _read_closes(exchange_id, symbol, timeframe, from_ts)
-    if not len(ts):
+    ts, close, skip, at_series_start = _read_window(exchange_id, symbol, timeframe, from_ts, indicators)
+    if skip == len(ts):
         return 0
-    values = indicators.compute(np.concatenate([history, close]), at_series_start=at_series_start)
-    skip = len(history)
-    columns = {name: column[skip:] for name, column in values.items()}
-    write_indicators(exchange_id, symbol, timeframe, ts, columns)
-    return len(ts)
+    values = indicators.compute(close, at_series_start=at_series_start)
+    write_indicators(exchange_id, symbol, timeframe, ts[skip:], {name: v[skip:] for name, v in values.items()})
+    return len(ts) - skip
 
 
-def _warmup_history(
+def _read_window(
     exchange_id: str, symbol: str, timeframe: str, from_ts: int, indicators: IndicatorSet
-) -> tuple[np.ndarray, bool]:
-    """Closes before `from_ts` that an update needs, and whether they start at the series' first candle.
+) -> tuple[np.ndarray, np.ndarray, int, bool]:
+    """Candles from far enough before `from_ts` to the end: (ts, close, index of from_ts, at series start).
 
-    Enough means `indicators.warmup` candles holding the price changes RSI needs. The store reads by
-    time, so the span is a guess in candles (exact for a series without gaps) that widens until it
-    holds enough or reaches the series start.
+    Far enough means `indicators.warmup` candles that also hold the price changes RSI needs. The store
+    is read by time, so the span is a guess in candles (exact for a series without gaps) that widens
+    until the history suffices or reaches the series' first candle; one query in the common case.
     """
     step = timeframe_ms(timeframe)
     span = indicators.warmup + 1
     while True:
         start = from_ts - span * step
-        _, close = _read_closes(exchange_id, symbol, timeframe, start, from_ts - 1)
-        if len(close) >= indicators.warmup and indicators.has_enough_changes(close):
-            return close, False
+        ts, close = _read_closes(exchange_id, symbol, timeframe, start)
+        skip = int(np.searchsorted(ts, from_ts))
+        if skip >= indicators.warmup and indicators.has_enough_changes(close[:skip]):
+            return ts, close, skip, False
         first = store.first_ts(exchange_id, symbol, timeframe)
         if first is None or first >= start:
-            return close, True
+            return ts, close, skip, True
         span *= 4
 
 
-def _read_closes(
-    exchange_id: str, symbol: str, timeframe: str, start_ts: int, end_ts: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    ts: list[int] = []
-    close: list[float] = []
-    for row in store.iter_candles(exchange_id, symbol, timeframe, start_ts, end_ts):
-        ts.append(row[0])
-        close.append(row[4])
+def _read_closes(exchange_id: str, symbol: str, timeframe: str, start_ts: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ts, close) of the series' candles from `start_ts` on, as arrays.
+
+    Only the two columns are read, straight from the store's collection or table: an update reads a
+    thousand or so candles each time and a recompute millions, where full candle rows would cost more
+    than the computation.
+    """
+    if store.uses_mongo():
+        cursor = (
+            store.get_mongo_db()[store.CANDLES]
+            .find(_series_query(exchange_id, symbol, timeframe, start_ts, None), {"_id": 0, "ts": 1, "close": 1})
+            .sort("ts", 1)
+        )
+        rows = [(doc["ts"], doc["close"]) for doc in cursor]
+    else:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT ts, close FROM {Candle._meta.db_table} "
+                "WHERE exchange_id = %s AND symbol = %s AND timeframe = %s AND ts >= %s ORDER BY ts",
+                [exchange_id, symbol, timeframe, start_ts],
+            )
+            rows = cursor.fetchall()
+    if not rows:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=float)
+    ts, close = zip(*rows, strict=True)
     return np.array(ts, dtype=np.int64), np.array(close, dtype=float)
 
 
@@ -389,12 +405,23 @@ def _postgres_write(
         ON CONFLICT (exchange_id, symbol, timeframe, ts) DO UPDATE SET "values" = EXCLUDED."values"
         WHERE i."values" IS DISTINCT FROM EXCLUDED."values"
     """
-    with connection.cursor() as cursor:
+    connection.ensure_connection()
+    # Each column goes as one array literal in text ('{1.5,NaN,...}', parsed by the server in C):
+    # psycopg adapts a list of floats element by element in Python, and Django's cursors bind
+    # client-side on top, which together cost more than everything else in an update. A plain psycopg
+    # cursor on Django's connection (so inside any transaction Django has open) binds server-side.
+    with psycopg.Cursor(connection.connection) as cursor:
         for start in range(0, len(ts), POSTGRES_BATCH):
             stop = start + POSTGRES_BATCH
-            params: list[Any] = [exchange_id, symbol, timeframe, *names, ts[start:stop].tolist()]
-            params += [columns[name][start:stop].tolist() for name in names]
+            params: list[Any] = [exchange_id, symbol, timeframe, *names, _array_literal(ts[start:stop])]
+            params += [_array_literal(columns[name][start:stop]) for name in names]
             cursor.execute(sql, params)
+
+
+def _array_literal(values: np.ndarray) -> str:
+    # repr() of a float is its shortest exact form, so the server reads back the very same double;
+    # NaN prints as "nan", which float8 input accepts (any case).
+    return "{" + ",".join(map(repr, values.tolist())) + "}"
 
 
 def _orm_write(exchange_id: str, symbol: str, timeframe: str, ts: np.ndarray, columns: dict[str, np.ndarray]) -> None:

@@ -1,0 +1,182 @@
+"""Cost of indicators with the default set: a full recompute of 500,000 1m candles, and incremental updates.
+
+Runs against the embedded store on PostgreSQL, in a scratch database created next to DATABASE_URL's and
+dropped afterwards. One series of BENCH_INDICATOR_CANDLES (default 500,000) 1m candles, a random walk.
+
+  full recompute   recompute_series over the whole series (what `recompute_indicators` does per series)
+  update           update_indicators after appending 1,000 new candles (what one collection run of a
+                   series that fell 1,000 candles behind costs); the median of BENCH_INDICATOR_RUNS runs
+  update again     the same update repeated: nothing changed, so no row is rewritten
+
+Each line splits the time into reading candles (warm-up history plus the new range), computing (ta and
+the stability mask) and writing rows, so it says which part dominates. Goal: an update of 1,000 candles
+in at most 15 ms per series. Figures are for comparison between runs on the same machine; never asserted.
+
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/datacollector python -m benchmarks indicators
+    BENCH_INDICATOR_CANDLES=100000 python -m benchmarks.bench_indicators    # a quicker run
+"""
+
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+TOTAL = int(os.environ.get("BENCH_INDICATOR_CANDLES", "500000"))
+RUNS = int(os.environ.get("BENCH_INDICATOR_RUNS", "9"))
+UPDATE = 1_000
+T0 = 1_577_836_800_000  # 2020-01-01 00:00 UTC
+MINUTE = 60_000
+SERIES = ("binance", "BTC/USDT", "1m")
+DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/datacollector"
+
+
+@contextmanager
+def scratch_postgres() -> Iterator[str]:
+    """A new database next to DATABASE_URL's, dropped on exit; yields its name."""
+    import environ
+    import psycopg
+
+    config = environ.Env.db_url_config(os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL))
+    if "postgresql" not in config["ENGINE"]:
+        raise SystemExit("bench_indicators needs DATABASE_URL to point at PostgreSQL.")
+    name = f"bench_indicators_{os.getpid()}"
+    admin = {"host": config["HOST"] or "127.0.0.1", "port": config["PORT"] or 5432, "user": config["USER"]}
+    if config.get("PASSWORD"):
+        admin["password"] = config["PASSWORD"]
+    with psycopg.connect(dbname="postgres", autocommit=True, **admin) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        with psycopg.connect(dbname="postgres", autocommit=True, **admin) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def timed_parts() -> Iterator[dict[str, float]]:
+    """Seconds spent reading, computing and writing inside the indicator module while the block runs."""
+    from apps.marketdata import indicators
+
+    parts: dict[str, float] = defaultdict(float)
+    originals = {
+        "_read_closes": indicators._read_closes,
+        "write_indicators": indicators.write_indicators,
+    }
+    compute = indicators.IndicatorSet.compute
+
+    def timer(part: str, function: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                parts[part] += time.perf_counter() - started
+
+        return wrapper
+
+    indicators._read_closes = timer("read", originals["_read_closes"])
+    indicators.write_indicators = timer("write", originals["write_indicators"])
+    indicators.IndicatorSet.compute = timer("compute", compute)
+    try:
+        yield parts
+    finally:
+        indicators._read_closes = originals["_read_closes"]
+        indicators.write_indicators = originals["write_indicators"]
+        indicators.IndicatorSet.compute = compute
+
+
+def store_candles(first: int, count: int, close: list[float]) -> int:
+    from apps.marketdata import store
+
+    rows = [[T0 + (first + i) * MINUTE, c, c * 1.0005, c * 0.9995, c, 1.0] for i, c in enumerate(close)]
+    for start in range(0, len(rows), 50_000):
+        store.upsert_candles(*SERIES, rows[start : start + 50_000])
+    return T0 + first * MINUTE
+
+
+def report(label: str, seconds: float, parts: dict[str, float], rows: int) -> None:
+    other = seconds - sum(parts.values())
+    split = "  ".join(f"{name} {1000 * parts.get(name, 0.0):8.1f} ms" for name in ("read", "compute", "write"))
+    dominant = max(("read", "compute", "write"), key=lambda name: parts.get(name, 0.0))
+    print(
+        f"  {label:<28} {1000 * seconds:9.1f} ms  ({split}  other {1000 * other:6.1f} ms)  "
+        f"{rows:,} rows, {dominant} dominates",
+        flush=True,
+    )
+
+
+def run() -> None:
+    import numpy as np
+
+    from apps.marketdata.indicators import indicator_set, recompute_series, update_indicators
+
+    indicators = indicator_set()
+    rng = np.random.default_rng(1)
+    walk = (30_000 * np.exp(np.cumsum(rng.normal(0, 0.001, TOTAL + RUNS * UPDATE)))).tolist()
+
+    started = time.perf_counter()
+    store_candles(0, TOTAL, walk[:TOTAL])
+    print(f"  (stored {TOTAL:,} candles in {time.perf_counter() - started:.1f}s; not part of the figures)")
+    print(f"  columns: {', '.join(indicators.names)}; warm-up {indicators.warmup} candles")
+
+    with timed_parts() as parts:
+        started = time.perf_counter()
+        rows = recompute_series(*SERIES)
+        report(f"full recompute {TOTAL:,}", time.perf_counter() - started, parts, rows)
+
+    updates, repeats = [], []
+    for run_index in range(RUNS):
+        first = TOTAL + run_index * UPDATE
+        from_ts = store_candles(first, UPDATE, walk[first : first + UPDATE])
+        with timed_parts() as parts:
+            started = time.perf_counter()
+            rows = update_indicators(*SERIES, from_ts)
+            updates.append((time.perf_counter() - started, dict(parts), rows))
+        with timed_parts() as parts:
+            started = time.perf_counter()
+            rows = update_indicators(*SERIES, from_ts)
+            repeats.append((time.perf_counter() - started, dict(parts), rows))
+
+    for label, results in ((f"update {UPDATE:,} new candles", updates), ("update again (unchanged)", repeats)):
+        median = statistics.median(seconds for seconds, _, _ in results)
+        parts = {
+            name: statistics.median(p.get(name, 0.0) for _, p, _ in results) for name in ("read", "compute", "write")
+        }
+        report(f"{label} (median of {RUNS})", median, parts, results[0][2])
+    best = min(seconds for seconds, _, _ in updates)
+    print(f"  update: best {1000 * best:.1f} ms, worst {1000 * max(s for s, _, _ in updates):.1f} ms; goal <= 15 ms")
+
+
+def main() -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "datacollector.settings")
+    os.environ.setdefault("DATABASE_URL", DEFAULT_DATABASE_URL)
+    os.environ.setdefault("SECRET_KEY", "bench-only-secret-key")
+    import django
+
+    django.setup()
+    from django.conf import settings
+    from django.core.management import call_command
+    from django.db import connection
+
+    print(f"machine: {os.cpu_count()} CPUs, shared with other work; load average {os.getloadavg()[0]:.1f}")
+    with scratch_postgres() as name:
+        original_name = connection.settings_dict["NAME"]
+        mongodb_uri = settings.MONGODB_URI
+        connection.close()
+        connection.settings_dict["NAME"] = name
+        settings.MONGODB_URI = ""  # the embedded store, whatever the environment says
+        try:
+            call_command("migrate", "marketdata", verbosity=0)
+            print(f"embedded store on PostgreSQL ({TOTAL:,} 1m candles, scratch database {name}):", flush=True)
+            run()
+        finally:
+            connection.close()
+            connection.settings_dict["NAME"] = original_name
+            settings.MONGODB_URI = mongodb_uri
+
+
+if __name__ == "__main__":
+    sys.exit(main())
