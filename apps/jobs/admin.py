@@ -117,6 +117,16 @@ class JobAdmin(admin.ModelAdmin):
     def get_fieldsets(self, request: HttpRequest, obj: Job | None = None) -> list:
         return self.fieldsets if obj is not None else self.fieldsets[:1]
 
+    def save_model(self, request: HttpRequest, obj: Job, form, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        # Setting the status by hand means what the actions mean: resuming clears the error state and
+        # makes the job due, just as the Resume action and the API do.
+        if change and "status" in form.changed_data:
+            if obj.status == Job.Status.ACTIVE:
+                obj.resume()
+            elif obj.status == Job.Status.PAUSED:
+                obj.pause()
+
     @admin.display(description="Exchange", ordering="connector__exchange_id")
     def exchange(self, job: Job) -> str:
         return job.connector.exchange_id

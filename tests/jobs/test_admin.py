@@ -122,3 +122,16 @@ def test_runs_are_read_only_in_the_admin(admin_client, job) -> None:
     assert b'name="_save"' not in change.content
     assert admin_client.post(reverse("admin:jobs_run_delete", args=[run.pk]), {"post": "yes"}).status_code == 403
     assert Run.objects.filter(pk=run.pk).exists()
+
+
+def test_setting_a_failed_job_active_in_its_form_resumes_it(admin_client, job) -> None:
+    Job.objects.filter(pk=job.pk).update(status=Job.Status.ERROR, last_error="boom", consecutive_failures=4)
+
+    response = admin_client.post(
+        reverse("admin:jobs_job_change", args=[job.pk]),
+        {"status": "active", "since": "", "runs-TOTAL_FORMS": "0", "runs-INITIAL_FORMS": "0"},
+    )
+
+    assert response.status_code == 302
+    job.refresh_from_db()
+    assert (job.status, job.last_error, job.consecutive_failures) == ("active", "", 0)
