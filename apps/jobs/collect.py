@@ -282,7 +282,7 @@ def collect_job(
         stored_first = store.first_ts(*series)
         if job.cursor is not None and job.since is not None and stored_first is not None:
             since_ms = datetime_to_ms(job.since)
-            if since_ms < stored_first:
+            if stored_first - since_ms >= step:  # at least one whole slot before the first stored candle
                 sync_from = since_ms
                 collection.page_range(since_ms, min(stored_first - 1, end), move_cursor=False)
                 if not (collection.result.stopped or collection.result.more):

@@ -91,7 +91,7 @@ class FakeBinance:
         self.script: collections.deque[str] = collections.deque()  # faults for the next klines requests, first
         self.latency = latency_ms / 1000.0
         self.faults = faults or Faults()
-        self.holes = {(market_id(s), i): ranges for (s, i), ranges in (holes or {}).items()}
+        self.holes = holes or {}
         self._random = random.Random(self.faults.seed)
         self._lock = threading.Lock()
         self._minute = -1
@@ -104,6 +104,15 @@ class FakeBinance:
         self._thread: threading.Thread | None = None
 
     # --- Data -----------------------------------------------------------------------------------------
+
+    @property
+    def holes(self) -> dict[tuple[str, str], list[tuple[int, int]]]:
+        return self._holes
+
+    @holes.setter
+    def holes(self, value: dict[tuple[str, str], list[tuple[int, int]]]) -> None:
+        # Keyed by market id (BTCUSDT) inside; tests may name unified symbols (BTC/USDT) or ids.
+        self._holes = {(market_id(symbol), interval): ranges for (symbol, interval), ranges in value.items()}
 
     def now_ms(self) -> int:
         return self.fixed_now_ms if self.fixed_now_ms is not None else int(time.time() * 1000)
