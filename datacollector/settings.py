@@ -126,6 +126,12 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "Data Collector API",
     "DESCRIPTION": "Connectors, collection jobs, runs, rate limits and stored market data.",
     "VERSION": "1.0.0",
+    # Jobs and runs both have a `status`; name each choice set so the schema's enums stay readable.
+    "ENUM_NAME_OVERRIDES": {
+        "JobStatusEnum": "apps.jobs.models.Job.Status",
+        "SettableJobStatusEnum": "apps.jobs.serializers.SETTABLE_STATUSES",
+        "RunStatusEnum": "apps.jobs.models.Run.Status",
+    },
 }
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
