@@ -284,33 +284,33 @@ def update_indicators(exchange_id: str, symbol: str, timeframe: str, from_ts: in
     candles): every value from there to the end of the series depends on it. History before `from_ts`
     is read only as warm-up. Upserts are keyed like candles, so running it twice changes nothing.
     """
-    return _recompute(exchange_id, symbol, timeframe, from_ts, indicator_set())
+    return len(_recompute(exchange_id, symbol, timeframe, from_ts, indicator_set()))
 
 
 def recompute_series(exchange_id: str, symbol: str, timeframe: str, config: IndicatorConfig | None = None) -> int:
     """Rebuild a series' indicators from scratch: every row rewritten with exactly the configured columns.
 
-    Rows whose candle no longer exists (before the first or after the last stored candle) are deleted.
+    Rows whose candle no longer exists are deleted. Returns the rows upserted.
     """
     first = store.first_ts(exchange_id, symbol, timeframe)
-    if first is None:
-        delete_indicators(exchange_id, symbol, timeframe)
-        return 0
-    written = _recompute(exchange_id, symbol, timeframe, first, indicator_set(config))
-    last = store.last_ts(exchange_id, symbol, timeframe)
-    delete_indicators(exchange_id, symbol, timeframe, end_ts=first - 1)
-    if last is not None:
-        delete_indicators(exchange_id, symbol, timeframe, start_ts=last + 1)
-    return written
+    written = np.empty(0, dtype=np.int64)
+    if first is not None:
+        written = _recompute(exchange_id, symbol, timeframe, first, indicator_set(config))
+    stored = _stored_ts(exchange_id, symbol, timeframe)
+    orphans = np.setdiff1d(stored, written, assume_unique=True).tolist()
+    for start in range(0, len(orphans), store.ITER_CHUNK):
+        _delete_ts(exchange_id, symbol, timeframe, orphans[start : start + store.ITER_CHUNK])
+    return len(written)
 
 
-def _recompute(exchange_id: str, symbol: str, timeframe: str, from_ts: int, indicators: IndicatorSet) -> int:
+def _recompute(exchange_id: str, symbol: str, timeframe: str, from_ts: int, indicators: IndicatorSet) -> np.ndarray:
+    """Compute and upsert the rows from `from_ts` to the end of the series; returns their ts."""
     ts, close, skip, at_series_start = _read_window(exchange_id, symbol, timeframe, from_ts, indicators)
     if skip == len(ts):
-        return 0
+        return ts[skip:]
     values = indicators.compute(close, at_series_start=at_series_start)
     write_indicators(exchange_id, symbol, timeframe, ts[skip:], {name: v[skip:] for name, v in values.items()})
-    return len(ts) - skip
+    return ts[skip:]
 
 
 def _read_window(
@@ -461,6 +461,23 @@ def delete_indicators(
         return store.get_mongo_db()[store.INDICATORS].delete_many(query).deleted_count
     deleted, _ = _sql_rows(exchange_id, symbol, timeframe, start_ts, end_ts).delete()
     return deleted
+
+
+def _stored_ts(exchange_id: str, symbol: str, timeframe: str) -> np.ndarray:
+    if store.uses_mongo():
+        query = _series_query(exchange_id, symbol, timeframe, None, None)
+        ts = [doc["ts"] for doc in store.get_mongo_db()[store.INDICATORS].find(query, {"_id": 0, "ts": 1})]
+    else:
+        ts = list(_sql_rows(exchange_id, symbol, timeframe, None, None).values_list("ts", flat=True))
+    return np.array(ts, dtype=np.int64)
+
+
+def _delete_ts(exchange_id: str, symbol: str, timeframe: str, ts: list[int]) -> None:
+    if store.uses_mongo():
+        query = {**_series_query(exchange_id, symbol, timeframe, None, None), "ts": {"$in": ts}}
+        store.get_mongo_db()[store.INDICATORS].delete_many(query)
+    else:
+        _sql_rows(exchange_id, symbol, timeframe, None, None).filter(ts__in=ts).delete()
 
 
 def read_indicators(
