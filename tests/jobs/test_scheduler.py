@@ -8,6 +8,7 @@ import pytest
 import time_machine
 
 from apps.connectors.models import Connector
+from apps.jobs import models as job_models
 from apps.jobs.management.commands.run_scheduler import Scheduler
 from apps.jobs.models import Job, LeaseLost, Run, backoff_seconds, next_candle_close
 from tests.jobs import standins
@@ -25,6 +26,14 @@ def make_scheduler(collector, worker: str = "test:1/0", **overrides) -> Schedule
     }
     options.update(overrides)
     return Scheduler(worker, collector, **options)
+
+
+@pytest.fixture(params=["single-statement", "transaction"])
+def release_path(request, monkeypatch) -> str:
+    """Run a test through both release implementations: PostgreSQL's one statement and the portable one."""
+    if request.param == "transaction":
+        monkeypatch.setattr(job_models, "_can_release_in_one_statement", lambda using: False)
+    return request.param
 
 
 @pytest.fixture
@@ -66,7 +75,7 @@ def test_a_run_exactly_at_a_close_schedules_the_following_close():
         ("1d", datetime(2026, 3, 15, 0, 0, 2, tzinfo=UTC)),
     ],
 )
-def test_success_schedules_next_candle_close_plus_delay(connector, timeframe, expected):
+def test_success_schedules_next_candle_close_plus_delay(release_path, connector, timeframe, expected):
     job = Job.objects.create(connector=connector, symbol="ETH/USDT", timeframe=timeframe, next_run_at=NOW)
     with time_machine.travel(NOW, tick=False):
         assert make_scheduler(standins.instant).process_batch()
@@ -89,7 +98,7 @@ def test_backoff_doubles_with_equal_jitter_and_is_capped():
             assert ceiling / 2 <= delay <= ceiling
 
 
-def test_transient_failure_backs_off_and_counts_failures(job):
+def test_transient_failure_backs_off_and_counts_failures(release_path, job):
     scheduler = make_scheduler(standins.transient_failure)
     now = NOW
     with time_machine.travel(now, tick=False) as traveller:
@@ -109,7 +118,7 @@ def test_transient_failure_backs_off_and_counts_failures(job):
     assert all("simulated outage" in error for _, error in failed)
 
 
-def test_success_after_failures_resets_the_failure_count(job):
+def test_success_after_failures_resets_the_failure_count(release_path, job):
     with time_machine.travel(NOW, tick=False):
         make_scheduler(standins.transient_failure).process_batch()
     job.refresh_from_db()
@@ -127,7 +136,7 @@ def test_retry_after_larger_than_backoff_is_honoured(job):
     assert job.next_run_at == NOW + timedelta(seconds=3600)
 
 
-def test_permanent_failure_stops_the_job_until_resumed(job):
+def test_permanent_failure_stops_the_job_until_resumed(release_path, job):
     scheduler = make_scheduler(standins.permanent_failure)
     with time_machine.travel(NOW, tick=False):
         assert scheduler.process_batch()
@@ -172,7 +181,7 @@ def test_more_history_schedules_the_job_again_at_once(job):
     assert job.next_run_at == NOW
 
 
-def test_heartbeat_renews_the_lease_and_raises_once_the_job_is_reclaimed(job):
+def test_heartbeat_renews_the_lease_and_raises_once_the_job_is_reclaimed(release_path, job):
     with time_machine.travel(NOW, tick=False) as traveller:
         (run,) = Job.objects.claim("a:1/0", 10, lease_seconds=60)
         run.begin(60)
@@ -255,3 +264,29 @@ def test_orphaned_run_of_a_paused_job_is_closed(job):
         assert Run.objects.close_orphaned() == 1
     run.refresh_from_db()
     assert (run.status, run.error) == (Run.Status.FAILED, "lease expired")
+
+
+def test_run_of_a_job_whose_lease_was_cleared_by_hand_is_closed(job):
+    with time_machine.travel(NOW, tick=False):
+        (run,) = Job.objects.claim("a:1/0", 10, lease_seconds=30)
+        Job.objects.filter(pk=job.pk).update(lease_owner="", lease_expires_at=None)
+        assert Run.objects.close_orphaned() == 1
+        with pytest.raises(LeaseLost):
+            run.succeed(standins.CollectResult(), 2.0)
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_release_outside_a_transaction_leaves_the_session_commit_mode_alone(connector):
+    from django.db import connection
+
+    job = Job.objects.create(connector=connector, symbol="BTC/USDT", timeframe="1h", next_run_at=NOW)
+    with time_machine.travel(NOW, tick=False):
+        assert make_scheduler(standins.instant).process_batch()
+    job.refresh_from_db()
+    assert job.runs.get().status == Run.Status.SUCCESS
+    assert job.lease_owner == ""
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"

@@ -183,3 +183,13 @@ def test_decision_never_credits_time_before_the_last_update():
     assert stale.tokens == 3
     assert stale.updated_at == row.updated_at
     assert stale.wait == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_acquire_outside_a_transaction_commits_asynchronously_without_leaking_the_setting():
+    bucket(capacity=10)
+    assert acquire_token("testex", 1) == 0.0
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"
+    assert RateLimit.objects.get(exchange_id="testex").granted == 1

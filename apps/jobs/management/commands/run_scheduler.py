@@ -63,15 +63,15 @@ class Scheduler:
         self.backoff_max_seconds = backoff_max_seconds
         self.stopping = stopping or threading.Event()
 
-    def process_batch(self) -> bool:
-        """Claim a batch and run it; True when something was claimed (call again at once)."""
+    def process_batch(self) -> int:
+        """Claim a batch and run it; returns how many jobs were claimed (non-zero: call again at once)."""
         runs = Job.objects.claim(self.worker, self.batch_size, self.lease_seconds)
         for index, run in enumerate(runs):
             if self.stopping.is_set():
                 self.release_unstarted(runs[index:])
                 break
             self.execute(run)
-        return bool(runs)
+        return len(runs)
 
     def release_unstarted(self, runs: list[Run]) -> None:
         for run in runs:

@@ -1,0 +1,244 @@
+"""Claim + release throughput of the scheduler with 1, 2 and 4 processes at 10,000 and 100,000 jobs.
+
+Each process runs the real worker step (`Scheduler.process_batch`: claim a batch with SKIP LOCKED,
+begin, collect, release, log) with a collector that does nothing, so the figures are the scheduler's
+own overhead per job. Jobs are all due; every process works for a fixed time (or until nothing is due).
+
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/dc_sched_bench SECRET_KEY=x .venv/bin/python -m benchmarks scheduler
+
+The database named in DATABASE_URL is created, migrated and dropped by the benchmark.
+"""
+
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+JOB_COUNTS = (10_000, 100_000)
+PROCESS_COUNTS = (1, 2, 4)
+SECONDS = 6.0
+BATCH_SIZE = 10
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _database_url() -> str:
+    url = os.environ.get("DATABASE_URL", "")
+    if not url.startswith("postgres"):
+        raise SystemExit("set DATABASE_URL=postgres://.../<scratch database name>: the benchmark needs PostgreSQL")
+    return url
+
+
+def _admin_connection():
+    import environ
+    import psycopg
+
+    config = environ.Env.db_url_config(_database_url())
+    connection = psycopg.connect(
+        host=config["HOST"] or "127.0.0.1",
+        port=config["PORT"] or 5432,
+        user=config["USER"] or "postgres",
+        password=config["PASSWORD"] or None,
+        dbname="postgres",
+        autocommit=True,
+    )
+    return connection, config["NAME"]
+
+
+@contextlib.contextmanager
+def scratch_database() -> Iterator[None]:
+    """Create the DATABASE_URL database afresh, set Django up on it, migrate; drop it afterwards."""
+    import django
+
+    admin, name = _admin_connection()
+    with admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "datacollector.settings")
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    django.setup()
+    from django.core.management import call_command
+    from django.db import connections
+
+    call_command("migrate", verbosity=0, interactive=False)
+    try:
+        yield
+    finally:
+        connections.close_all()
+        admin, name = _admin_connection()
+        with admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def run_children(
+    module: str, count: int, args: list[str], wait_seconds: float = 120, **env_overrides: str
+) -> list[str]:
+    """Start `count` processes of `python -m module --child ARGS`; release them together; their stdout."""
+    with tempfile.TemporaryDirectory() as directory:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_DIR": directory, **env_overrides}
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-m", module, "--child", *args],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            for _ in range(count)
+        ]
+        try:
+            deadline = time.monotonic() + wait_seconds
+            while len(list(Path(directory).glob("ready-*"))) < count:
+                if time.monotonic() > deadline or any(child.poll() is not None for child in children):
+                    raise RuntimeError("benchmark children did not start")
+                time.sleep(0.02)
+            (Path(directory) / "go").write_text(str(time.time() + 0.2))
+            return [child.communicate(timeout=wait_seconds)[0] for child in children]
+        finally:
+            for child in children:
+                if child.poll() is None:
+                    child.kill()
+
+
+def wait_for_go() -> float:
+    """In a child: announce readiness, then wait for the common start time."""
+    directory = Path(os.environ["BENCH_DIR"])
+    (directory / f"ready-{os.getpid()}").touch()
+    go = directory / "go"
+    while not go.exists():
+        time.sleep(0.005)
+    start_at = float(go.read_text())
+    time.sleep(max(0.0, start_at - time.time()))
+    return start_at
+
+
+def _noop_collector(job, run, heartbeat):
+    from apps.jobs.models import CollectResult
+
+    heartbeat()
+    return CollectResult()
+
+
+def child(seconds: float, batch_size: int) -> None:
+    import django
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "datacollector.settings")
+    django.setup()
+    from apps.jobs.management.commands.run_scheduler import Scheduler
+    from apps.jobs.models import Job
+    from datacollector.config import get_config
+
+    config = get_config().scheduler
+    scheduler = Scheduler(
+        f"bench:{os.getpid()}/0",
+        _noop_collector,
+        batch_size=batch_size,
+        lease_seconds=config.lease_seconds,
+        schedule_delay_seconds=config.schedule_delay_seconds,
+        backoff_base_seconds=config.backoff_base_seconds,
+        backoff_max_seconds=config.backoff_max_seconds,
+    )
+    Job.objects.exists()  # connect before the start
+    wait_for_go()
+    started = time.perf_counter()
+    processed = 0
+    while time.perf_counter() - started < seconds:
+        claimed = scheduler.process_batch()
+        if not claimed:
+            break
+        processed += claimed
+    print(processed, time.perf_counter() - started)
+
+
+def seed(count: int) -> None:
+    from django.db import connection
+    from django.utils import timezone
+
+    from apps.connectors.models import Connector
+    from apps.jobs.models import Job, Run
+
+    Run.objects.all().delete()
+    Job.objects.all().delete()
+    connector, _ = Connector.objects.get_or_create(exchange_id="simulated")
+    now = timezone.now()
+    timeframes = ("1m", "5m", "1h", "1d")
+    Job.objects.bulk_create(
+        (
+            Job(connector=connector, symbol=f"B{i}/USDT", timeframe=timeframes[i % 4], next_run_at=now)
+            for i in range(count)
+        ),
+        batch_size=5000,
+    )
+    with connection.cursor() as cursor:
+        # Spread the due times so ORDER BY next_run_at has work to do, as in a real backlog.
+        cursor.execute("UPDATE jobs_job SET next_run_at = now() - random() * interval '1 hour'")
+    _vacuum()
+
+
+def reset_due() -> None:
+    from django.db import connection
+
+    from apps.jobs.models import Run
+
+    Run.objects.all().delete()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE jobs_job SET next_run_at = now() - random() * interval '1 hour', lease_owner = '', "
+            "lease_expires_at = NULL WHERE next_run_at > now() - interval '1 hour' OR lease_owner <> ''"
+        )
+    _vacuum()
+
+
+def _vacuum() -> None:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE jobs_job")
+        cursor.execute("VACUUM ANALYZE jobs_run")
+
+
+def explain_claim() -> str:
+    from django.db import connection, transaction
+
+    from apps.jobs.models import Job
+
+    with transaction.atomic():
+        query = Job.objects.due().select_for_update(skip_locked=True, of=("self",)).select_related("connector")
+        sql, params = query.order_by("next_run_at")[:BATCH_SIZE].query.sql_with_params()
+        with connection.cursor() as cursor:
+            cursor.execute("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + sql, params)
+            plan = [row[0] for row in cursor.fetchall()]
+        transaction.set_rollback(True)
+    return "\n".join("    " + line for line in plan)
+
+
+def main() -> None:
+    with scratch_database():
+        print(f"claim+release with a no-op collector, batch {BATCH_SIZE}, {SECONDS:.0f}s per configuration")
+        print(f"{'jobs':>8} {'procs':>5} {'jobs/s':>8} {'ms/job/proc':>12}")
+        for count in JOB_COUNTS:
+            seed(count)
+            print(f"  claim query plan at {count:,} due jobs:\n{explain_claim()}")
+            for processes in PROCESS_COUNTS:
+                reset_due()
+                # LOG_LEVEL=INFO: the JSON line per run is part of the cost (formatted, written to /dev/null).
+                outputs = run_children(
+                    "benchmarks.bench_scheduler", processes, [str(SECONDS), str(BATCH_SIZE)], LOG_LEVEL="INFO"
+                )
+                results = [line.split() for line in (o.strip().splitlines()[-1] for o in outputs)]
+                done = sum(int(n) for n, _ in results)
+                elapsed = max(float(t) for _, t in results)
+                per_job = statistics.mean(float(t) / max(1, int(n)) for n, t in results) * 1000
+                print(f"{count:>8,} {processes:>5} {done / elapsed:>8.0f} {per_job:>12.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        child(float(sys.argv[2]), int(sys.argv[3]))
+    else:
+        main()
