@@ -44,12 +44,15 @@ at the series start, so the null prefix is always counted from the series start.
 import dataclasses
 import functools
 import math
+import struct
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import psycopg
+import psycopg.adapt
+import psycopg.pq
 from django.db import connection
 from pymongo import UpdateOne
 from ta.momentum import RSIIndicator
@@ -391,7 +394,7 @@ def _postgres_write(
 
     No JSON is serialised in Python: jsonb_build_object turns each float8 (NULLIF'd from NaN, since
     jsonb has no NaN) into a number with PostgreSQL's shortest exact representation. A row whose values
-    are unchanged is not rewritten (no dead tuple), so a repeated update costs reads only.
+    are unchanged is not rewritten (no dead tuple).
     """
     table = IndicatorRow._meta.db_table
     names = list(columns)
@@ -406,22 +409,44 @@ def _postgres_write(
         WHERE i."values" IS DISTINCT FROM EXCLUDED."values"
     """
     connection.ensure_connection()
-    # Each column goes as one array literal in text ('{1.5,NaN,...}', parsed by the server in C):
-    # psycopg adapts a list of floats element by element in Python, and Django's cursors bind
-    # client-side on top, which together cost more than everything else in an update. A plain psycopg
-    # cursor on Django's connection (so inside any transaction Django has open) binds server-side.
+    # The arrays travel in PostgreSQL's binary array format, encoded by numpy in one go: psycopg
+    # adapts a list of floats element by element in Python, and Django's cursors bind client-side
+    # (parameters become SQL text), which together cost more than everything else in an update. A plain
+    # psycopg cursor on Django's connection (so inside any transaction Django has open) binds them.
     with psycopg.Cursor(connection.connection) as cursor:
+        cursor.adapters.register_dumper(_BinaryArray, _BinaryArrayDumper)
         for start in range(0, len(ts), POSTGRES_BATCH):
             stop = start + POSTGRES_BATCH
-            params: list[Any] = [exchange_id, symbol, timeframe, *names, _array_literal(ts[start:stop])]
-            params += [_array_literal(columns[name][start:stop]) for name in names]
+            params: list[Any] = [exchange_id, symbol, timeframe, *names, _BinaryArray(ts[start:stop], _INT8)]
+            params += [_BinaryArray(columns[name][start:stop], _FLOAT8) for name in names]
             cursor.execute(sql, params)
 
 
-def _array_literal(values: np.ndarray) -> str:
-    # repr() of a float is its shortest exact form, so the server reads back the very same double;
-    # NaN prints as "nan", which float8 input accepts (any case).
-    return "{" + ",".join(map(repr, values.tolist())) + "}"
+# Element type oid and big-endian dtype of the two array types written.
+_INT8 = (20, ">i8")
+_FLOAT8 = (701, ">f8")
+
+
+class _BinaryArray:
+    """A 1-d numpy array sent as a PostgreSQL array in binary wire format (what array_send produces)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, values: np.ndarray, element: tuple[int, str]) -> None:
+        oid, dtype = element
+        items = np.empty(len(values), dtype=[("length", ">i4"), ("value", dtype)])
+        items["length"] = 8
+        items["value"] = values
+        # ndim 1, no NULL elements (NaN is a float8 value, turned into null in SQL), element oid, one
+        # dimension of len(values) with lower bound 1, then (length, value) per element.
+        self.data = struct.pack(">iiiii", 1, 0, oid, len(values), 1) + items.tobytes()
+
+
+class _BinaryArrayDumper(psycopg.adapt.Dumper):
+    format = psycopg.pq.Format.BINARY
+
+    def dump(self, obj: _BinaryArray) -> bytes:
+        return obj.data
 
 
 def _orm_write(exchange_id: str, symbol: str, timeframe: str, ts: np.ndarray, columns: dict[str, np.ndarray]) -> None:
