@@ -5,6 +5,7 @@ The heavy cases run on the SQL store (PostgreSQL); the backend-contract cases al
 
 import numpy as np
 import pytest
+from backtesting.test import GOOG
 
 from apps.marketdata import store
 from apps.marketdata.indicators import (
@@ -93,6 +94,18 @@ def test_update_from_the_first_candle_stores_talib_values(sql_store, default_set
         assert np.isnan(values[: column.stable_from + column.changes]).all(), column.name
         assert not np.isnan(values[column.stable_from + column.changes :]).any(), column.name
         assert errors(column.name, values, reference[column.name], close)[~np.isnan(values)].max() < 1e-8
+
+
+def test_real_prices_updated_incrementally_equal_talib(sql_store, default_set):
+    close = GOOG["Close"].to_numpy(dtype=float)  # 2,148 daily closes
+    for start in range(0, len(close), 500):
+        update_indicators(*SERIES, put_candles(close[start : start + 500], start))
+    _, columns = stored(default_set.names)
+    reference = talib_reference(close, default_set.config)
+    for name, values in columns.items():
+        assert (~np.isnan(values)).sum() > 1_400, name
+        assert errors(name, values, reference[name], close)[~np.isnan(values)].max() < 1e-8, name
+    assert_equals_full_recompute(default_set)
 
 
 def test_rows_store_null_not_nan_or_zero_before_stable(sql_store, default_set):
