@@ -332,6 +332,8 @@ def _read_window(
         start = from_ts - span * step
         ts, close = _read_closes(exchange_id, symbol, timeframe, start)
         skip = int(np.searchsorted(ts, from_ts))
+        if skip == len(ts):
+            return ts, close, skip, False  # nothing at or after from_ts: no history needed
         if skip >= indicators.warmup and indicators.has_enough_changes(close[:skip]):
             return ts, close, skip, False
         first = store.first_ts(exchange_id, symbol, timeframe)
