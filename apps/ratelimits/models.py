@@ -63,55 +63,62 @@ def _decide(row: "RateLimit", weight: float, now: datetime) -> _Decision:
     return _Decision(refilled, now, False, max(blocked_wait, token_wait))
 
 
-# One statement: lock the row, refill by elapsed database time, take `weight` if it is there.
-# The locked CTE reads plain columns (after FOR UPDATE they are the latest committed version), the
-# UPDATE computes from them, and RETURNING reports this caller's own outcome. `now` may be read before
-# the lock wait; GREATEST keeps updated_at monotonic, so a late `now` only defers refill to the next
-# caller and can never grant a token twice.
-_ACQUIRE_SQL = """
-WITH cur AS (
-    SELECT r.id, r.capacity, r.refill_per_second, r.tokens, r.updated_at,
-           GREATEST(r.blocked_until, r.circuit_open_until) AS blocked,  -- GREATEST skips NULLs
-           t.now
-    FROM ratelimits_ratelimit r, (SELECT clock_timestamp() AS now, {commit_mode}) t
-    WHERE r.exchange_id = %(exchange_id)s
-    FOR UPDATE OF r
-), calc AS (
-    SELECT id, capacity, refill_per_second, blocked, GREATEST(now, updated_at) AS now,
-           LEAST(capacity, tokens + refill_per_second
-                 * GREATEST(0, EXTRACT(EPOCH FROM (now - updated_at))::float8)) AS refilled
-    FROM cur
-), decision AS (
-    SELECT calc.*,
-           ((blocked IS NULL OR blocked <= now) AND refilled >= %(weight)s AND %(weight)s <= capacity) AS ok,
-           GREATEST(
-               COALESCE(GREATEST(0, EXTRACT(EPOCH FROM (blocked - now))::float8), 0),
-               CASE WHEN refilled >= %(weight)s THEN 0
-                    WHEN refill_per_second > 0 THEN (%(weight)s - refilled) / refill_per_second
-                    ELSE %(no_refill_wait)s END
-           ) AS wait
-    FROM calc
-)
+# Tokens the bucket holds at t.now: refilled by elapsed database time, capped at capacity. `now` is read
+# once per statement (the one-row subquery t); if the statement then waited for the row lock, another
+# caller may have moved updated_at past it: elapsed is clamped at 0 and updated_at never moves back,
+# so a late `now` only defers refill to the next caller and can never credit the same second twice.
+_REFILLED = """LEAST(r.capacity, r.tokens + r.refill_per_second
+                     * GREATEST(0, EXTRACT(EPOCH FROM (t.now - r.updated_at))::float8))"""
+
+# The grant: one UPDATE ... RETURNING that takes `weight` only if the refilled bucket holds it and no
+# pause is in force. When a concurrent caller changes the row first, PostgreSQL re-evaluates the
+# WHERE and SET against the new version (READ COMMITTED), so two callers can never take the same
+# tokens. No row back: refused, and _DENY_SQL counts it and says how long to wait.
+_GRANT_SQL = f"""
 UPDATE ratelimits_ratelimit AS r
-SET tokens = CASE WHEN d.ok THEN d.refilled - %(weight)s ELSE d.refilled END,
-    updated_at = d.now,
-    granted = r.granted + CASE WHEN d.ok THEN 1 ELSE 0 END,
-    denied = r.denied + CASE WHEN d.ok OR %(weight)s > d.capacity THEN 0 ELSE 1 END,
-    tokens_used = r.tokens_used + CASE WHEN d.ok THEN %(weight)s ELSE 0 END
-FROM decision d
-WHERE r.id = d.id
-RETURNING d.ok, CASE WHEN d.ok THEN 0 ELSE d.wait END, d.capacity
+SET tokens = {_REFILLED} - %(weight)s,
+    updated_at = GREATEST(r.updated_at, t.now),
+    granted = r.granted + 1,
+    tokens_used = r.tokens_used + %(weight)s
+FROM (SELECT clock_timestamp() AS now, {{commit_mode}}) AS t
+WHERE r.exchange_id = %(exchange_id)s
+  AND (r.blocked_until IS NULL OR r.blocked_until <= t.now)
+  AND (r.circuit_open_until IS NULL OR r.circuit_open_until <= t.now)
+  AND {_REFILLED} >= %(weight)s
+RETURNING r.capacity
+"""
+
+# The refusal: count it (unless the weight can never fit) and report the wait until the pauses end
+# and the bucket will have refilled enough. Tokens are left as they are: refill is computed lazily.
+_DENY_SQL = f"""
+UPDATE ratelimits_ratelimit AS r
+SET denied = r.denied + CASE WHEN %(weight)s <= r.capacity THEN 1 ELSE 0 END
+FROM (SELECT clock_timestamp() AS now, {{commit_mode}}) AS t
+WHERE r.exchange_id = %(exchange_id)s
+RETURNING r.capacity, GREATEST(
+    -- GREATEST skips NULLs: no pause in force gives NULL, hence the COALESCE.
+    COALESCE(EXTRACT(EPOCH FROM (GREATEST(r.blocked_until, r.circuit_open_until) - t.now))::float8, 0),
+    CASE WHEN r.refill_per_second > 0 THEN (%(weight)s - {_REFILLED}) / r.refill_per_second
+         WHEN {_REFILLED} >= %(weight)s THEN 0
+         ELSE %(no_refill_wait)s END
+)
 """
 
 # Every caller of an exchange updates this one row, so its throughput is one over the time the row
-# lock is held, and a synchronous commit holds it through a WAL flush (0.3-3 ms here, 10x the
-# statement). Outside a caller's transaction the acquire therefore commits asynchronously
-# (synchronous_commit is off for that one statement's transaction only). The only risk is a database
+# lock is held, and a synchronous commit holds it through a WAL flush (0.3-3 ms here, several times
+# the statement). Outside a caller's transaction these statements therefore commit asynchronously
+# (synchronous_commit off for that one statement's own transaction). The only risk is a database
 # crash forgetting the last fraction of a second of grants: the bucket may then over-grant that much
 # once, which the exchange's used-weight header (observe_used_weight) corrects. Inside a caller's
 # transaction the setting would leak into the caller's commit, so there the plain variant is used.
-_ACQUIRE_ASYNC_SQL = _ACQUIRE_SQL.format(commit_mode="set_config('synchronous_commit', 'off', true) AS commit_mode")
-_ACQUIRE_SQL = _ACQUIRE_SQL.format(commit_mode="NULL AS commit_mode")
+_ASYNC = "set_config('synchronous_commit', 'off', true) AS commit_mode"
+_SYNC = "NULL AS commit_mode"
+_GRANT = {False: _GRANT_SQL.format(commit_mode=_ASYNC), True: _GRANT_SQL.format(commit_mode=_SYNC)}
+_DENY = {False: _DENY_SQL.format(commit_mode=_ASYNC), True: _DENY_SQL.format(commit_mode=_SYNC)}
+# A refusal whose computed wait is already over (tokens came back between the two statements) is
+# tried again this many times before the caller is told to wait a moment.
+_GRANT_ATTEMPTS = 3
+_MIN_WAIT = 0.001
 
 # The exchange told us how much of its fixed-minute budget is used: our bucket may not hold more
 # than what is left. Out of budget entirely: pause everyone until the exchange's minute rolls over.
@@ -253,10 +260,21 @@ class RateLimitQuerySet(models.QuerySet):
         return 0.0 if ok else float(wait)
 
     def _acquire_once(self, exchange_id: str, weight: float) -> tuple[bool, float, float] | None:
+        """(granted, wait, capacity), or None when the exchange has no row yet."""
         if self._postgres():
             params = {"exchange_id": exchange_id, "weight": float(weight), "no_refill_wait": _NO_REFILL_WAIT}
             in_transaction = connections[self.db].in_atomic_block
-            return self._fetch(_ACQUIRE_SQL if in_transaction else _ACQUIRE_ASYNC_SQL, params)
+            for _attempt in range(_GRANT_ATTEMPTS):
+                granted = self._fetch(_GRANT[in_transaction], params)
+                if granted is not None:
+                    return (True, 0.0, granted[0])
+                refused = self._fetch(_DENY[in_transaction], params)
+                if refused is None:
+                    return None
+                capacity, wait = refused
+                if wait > 0 or weight > capacity:
+                    return (False, wait, capacity)
+            return (False, _MIN_WAIT, capacity)
         with transaction.atomic(using=self.db):
             try:
                 row = self._locked(exchange_id)
