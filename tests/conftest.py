@@ -3,6 +3,12 @@ from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
 
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings) -> None:
+    # PBKDF2's deliberate slowness costs ~0.5 s per created user; tests need no real hashing strength.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def user(db):
     return get_user_model().objects.create_user("operator", password="operator-password-1")

@@ -4,7 +4,6 @@ import csv
 import io
 
 import pytest
-from django.contrib.auth import get_user_model
 
 from apps.marketdata import store
 
@@ -14,12 +13,6 @@ URL = "/api/v1/data/ohlcv"
 MINUTE = 60_000
 T0 = 1_704_067_200_000  # 2024-01-01 00:00 UTC
 SERIES = {"exchange_id": "binance", "symbol": "BTC/USDT", "timeframe": "1m"}
-
-
-@pytest.fixture
-def user(db):
-    # The API client logs in with force_authenticate, so skip hashing a password (half a second each).
-    return get_user_model().objects.create_user("reader", password=None)
 
 
 def store_minutes(count: int, first: int = 0) -> None:
