@@ -1,10 +1,12 @@
 """`manage.py run_scheduler` as real processes sharing the test database."""
 
 import itertools
+import json
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,12 +24,12 @@ PROCESS_TIMEOUT = 60
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 
-def start_scheduler(tmp_path: Path, name: str, *args: str) -> subprocess.Popen:
+def start_scheduler(tmp_path: Path, name: str, *args: str, log_level: str = "WARNING") -> subprocess.Popen:
     log = (tmp_path / f"{name}.log").open("w")
     return subprocess.Popen(
         [sys.executable, "manage.py", "run_scheduler", "--worker-id", name, "--interval", "0.05", *args],
         cwd=settings.BASE_DIR,
-        env=child_env(DC_STANDIN_DIR=str(tmp_path)),
+        env=child_env(DC_STANDIN_DIR=str(tmp_path), LOG_LEVEL=log_level),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -185,3 +187,31 @@ def test_invalid_options_are_refused_with_a_clear_message():
         call_command("run_scheduler", "--workers", "0")
     with pytest.raises(CommandError, match=r"--collector 'no\.such\.module' cannot be imported"):
         call_command("run_scheduler", "--collector", "no.such.module")
+
+
+def test_metrics_and_one_json_log_line_per_run(tmp_path):
+    (job,) = make_jobs(1)
+    process = start_scheduler(
+        tmp_path, "observed", "--metrics-port", "0", "--collector", "tests.jobs.standins.instant", log_level="INFO"
+    )
+    try:
+        log = tmp_path / "observed.log"
+        wait_for(lambda: '"outcome": "success"' in log.read_text(), what="the run's log line")
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        (port,) = [line["port"] for line in lines if "port" in line]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+    finally:
+        process.send_signal(signal.SIGTERM)
+    assert finish(process, tmp_path, "observed") == 0
+    assert 'dc_scheduler_runs_total{outcome="success"} 1.0' in metrics
+    assert "dc_scheduler_candles_written_total 1.0" in metrics
+    (run_line,) = [line for line in lines if line.get("outcome")]
+    assert run_line["job_id"] == job.pk
+    assert run_line["exchange"] == "simulated"
+    assert run_line["symbol"] == "C0/USDT"
+    assert run_line["timeframe"] == "1m"
+    assert run_line["worker"] == "observed/0"
+    assert run_line["outcome"] == "success"
+    assert run_line["candles_written"] == 1
+    assert run_line["duration_seconds"] >= 0
