@@ -78,13 +78,29 @@ class CollectorConfig:
 
 
 # Fields that must be strictly positive; everything else numeric must be >= 0.
-_POSITIVE = {"weight_per_minute", "burst", "workers", "batch_size", "lease_seconds", "period", "fast", "slow", "signal"}
+_POSITIVE = {
+    "weight_per_minute",
+    "burst",
+    "workers",
+    "batch_size",
+    "lease_seconds",
+    "period",
+    "std",
+    "fast",
+    "slow",
+    "signal",
+    "rsi",
+    "ema",
+    "sma",
+}
 
 
 def _type_name(tp: typing.Any) -> str:
     origin = typing.get_origin(tp)
     if origin is tuple:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        item = typing.get_args(tp)[0]
+        plural = {int: "integers", float: "numbers", str: "strings"}.get(item)
+        return f"a list of {plural}" if plural else f"a list, each item {_type_name(item)}"
     if origin is dict:
         return f"a mapping of names to {_type_name(typing.get_args(tp)[1])}"
     if dataclasses.is_dataclass(tp):
