@@ -67,6 +67,21 @@ class CollectResult:
     stopped: bool = False  # a stop was requested and the run ended after the current page
     # More history is waiting: the run reached its page budget. The scheduler runs the job again at once.
     more: bool = False
+    # The cursor reached the end of the range (the last closed candle, or `until`). False when pages
+    # near the end stayed empty: the next run (or a backfill's next pass) asks for them again.
+    complete: bool = False
+
+    def __add__(self, other: "CollectResult") -> "CollectResult":
+        """Two passes over one job as one: counts add up, the state is the later pass's."""
+        total = dataclasses.replace(other)
+        for name in ("candles_fetched", "candles_written", "requests", "rate_limit_wait", "rate_limited", "pages"):
+            setattr(total, name, getattr(self, name) + getattr(other, name))
+        for name in ("empty_pages", "dropped", "gaps_refetched"):
+            setattr(total, name, getattr(self, name) + getattr(other, name))
+        firsts = [ts for ts in (self.first_ts, other.first_ts) if ts is not None]
+        lasts = [ts for ts in (self.last_ts, other.last_ts) if ts is not None]
+        total.first_ts, total.last_ts = min(firsts, default=None), max(lasts, default=None)
+        return total
 
 
 def ms_to_datetime(ms: int) -> datetime:
@@ -132,6 +147,11 @@ class _Collection:
         self.step = timeframe_ms(job.timeframe)
         self.page_limit = client.page_limit()
         self.result = CollectResult()
+        # Start of the earliest window passed over after it stayed empty: before the first stored candle
+        # it would otherwise look like history before the listing, so gap detection starts there.
+        self.skipped_from: int | None = None
+        # Set when the exchange answered with later candles only: nothing exists up to this open time.
+        self.nothing_before: int | None = None
         self._stats_before = client.stats.snapshot()
         self._run_saved_at = time.monotonic()
 
@@ -202,6 +222,7 @@ class _Collection:
             else:
                 self.result.empty_pages += 1
                 if any(_ts(row) is not None and _ts(row) > end for row in raw):
+                    self.nothing_before = end
                     # The exchange answered with candles after the range only: there is nothing in it
                     # (a hole, or before the listing). Whatever lies between is a gap, if anything.
                     if self.progress is not None:
@@ -213,6 +234,7 @@ class _Collection:
                 else:
                     # Still empty: look further ahead, leaving the cursor behind (see the module doc).
                     empty_tries = 0
+                    self.skipped_from = since if self.skipped_from is None else min(self.skipped_from, since)
                     skipped = min(limit, (end - since) // self.step + 1)
                     if self.progress is not None:
                         self.progress(skipped, 0)
@@ -225,8 +247,15 @@ class _Collection:
             if self.stop is not None and self.stop.is_set():
                 self.result.stopped = True
                 return
+            self.nothing_before = None
             found = self.page_range(gap.start_ts, gap.end_ts, move_cursor=False)
             self.result.gaps_refetched += 1
+            first = store.first_ts(*self.series)
+            if not found and self.nothing_before == gap.end_ts and first == gap.end_ts + self.step:
+                # A "gap" before the first stored candle that the exchange answers with later candles
+                # only is history before the listing (left over from pages that came back empty).
+                gap.delete()
+                continue
             # Found candles: the gap shrinks, splits or disappears; none: one more empty attempt.
             gaps_module.record_refetch(gap, found)
 
@@ -296,6 +325,10 @@ def collect_job(
         if start <= end and not (collection.result.stopped or collection.result.more):
             collection.page_range(start, end, move_cursor=True)
         failed = False
+    except Exception as exc:
+        # What the run did before failing, for the Run row and the backfill summary.
+        exc.result = collection.result  # type: ignore[attr-defined]
+        raise
     finally:
         # Even when the exchange failed half-way, what was stored gets its gaps recorded and indicators.
         result = collection.result
@@ -303,13 +336,17 @@ def collect_job(
             first = store.first_ts(*series)
             last = store.last_ts(*series)
             if first is not None and last is not None:
-                gaps_module.sync_gaps(*series, max(first, min(sync_from, result.first_ts)), last)
+                lower = max(first, min(sync_from, result.first_ts))
+                if collection.skipped_from is not None:
+                    lower = min(lower, collection.skipped_from)
+                gaps_module.sync_gaps(*series, lower, last)
         if not (failed or result.stopped or result.more):
             collection.refetch_gaps(gaps_module)
         if result.first_ts is not None:
             update_indicators(*series, result.first_ts)
         collection.refresh_counters()
     result.gaps_open = len(gaps_module.gaps_to_refetch(*series))
+    result.complete = job.cursor is not None and job.cursor + step > end
     return result
 
 

@@ -28,6 +28,9 @@ from apps.jobs.models import Job, validate_symbol, validate_timeframe
 from apps.marketdata import store
 from datacollector.config import get_config
 
+# Passes over one job when the end of the range stayed empty or the exchange kept failing (collect_one).
+MAX_PASSES = 3
+
 DATE_HELP = "ISO 8601 date or datetime in UTC (2024-01-01, 2024-01-01T12:00, 2024-01-01T12:00:00+02:00) or epoch ms"
 
 
@@ -217,23 +220,32 @@ class Command(BaseCommand):
                 return job, None, f"skipped: held by {job.lease_owner} until {job.lease_expires_at:%H:%M:%S}"
             config = get_config().scheduler
             result = CollectResult()
-            try:
-                result = collect_job(
-                    job,
-                    run,
-                    run.heartbeat(lease_seconds),
-                    until_ms=until_ms,
-                    progress=progress,
-                    stop=self.stopping,
-                    max_pages=None,
-                )
-            except PermanentExchangeError as exc:
-                run.fail_permanently(str(exc), result)
-                return job, result, f"failed: {exc}"
-            except Exception as exc:
-                retry_after = getattr(exc, "retry_after", None)
-                run.fail(str(exc), config.backoff_base_seconds, config.backoff_max_seconds, retry_after, result)
-                return job, result, f"failed: {exc}"
+            heartbeat = run.heartbeat(lease_seconds)
+            for attempt in range(1, MAX_PASSES + 1):
+                cursor = job.cursor
+                try:
+                    result = result + collect_job(
+                        job, run, heartbeat, until_ms=until_ms, progress=progress, stop=self.stopping, max_pages=None
+                    )
+                except PermanentExchangeError as exc:
+                    result = result + getattr(exc, "result", CollectResult())
+                    run.fail_permanently(str(exc), result)
+                    return job, result, f"failed: {exc}"
+                except Exception as exc:
+                    result = result + getattr(exc, "result", CollectResult())
+                    retry_after = getattr(exc, "retry_after", None)
+                    if attempt < MAX_PASSES and isinstance(exc, ExchangeError) and not self.stopping.is_set():
+                        # The client's own retries are spent; the pages so far are saved. Pause, then go on.
+                        pause = min(max(retry_after or 0.0, 1.0), 60.0)
+                        self.stderr.write(f"{job}: {exc}; continuing in {pause:.0f}s")
+                        self.stopping.wait(pause)
+                        continue
+                    run.fail(str(exc), config.backoff_base_seconds, config.backoff_max_seconds, retry_after, result)
+                    return job, result, f"failed: {exc}"
+                # Pages at the end of the range that stayed empty are asked for again while that helps;
+                # a pass that gets no further (a delisted market) ends it.
+                if result.complete or result.stopped or job.cursor == cursor:
+                    break
             run.succeed(result, config.schedule_delay_seconds)
             job.refresh_from_db()
             return job, result, "stopped" if result.stopped else "done"
