@@ -1,6 +1,6 @@
 """Claim + release throughput of the scheduler with 1, 2 and 4 processes at 10,000 and 100,000 jobs.
 
-Each process runs the real worker step (`Scheduler.process_batch`: claim a batch with SKIP LOCKED,
+Each process runs the real worker step (`Scheduler.process_one`: claim a batch with SKIP LOCKED,
 begin, collect, release, log) with a collector that does nothing, so the figures are the scheduler's
 own overhead per job. Jobs are all due; every process works for a fixed time (or until nothing is due).
 
@@ -135,7 +135,7 @@ def child(seconds: float, batch_size: int) -> None:
 
     config = get_config().scheduler
     scheduler = Scheduler(
-        f"bench:{os.getpid()}/0",
+        f"bench:{os.getpid()}",
         _noop_collector,
         batch_size=batch_size,
         lease_seconds=config.lease_seconds,
@@ -147,11 +147,8 @@ def child(seconds: float, batch_size: int) -> None:
     wait_for_go()
     started = time.perf_counter()
     processed = 0
-    while time.perf_counter() - started < seconds:
-        claimed = scheduler.process_batch()
-        if not claimed:
-            break
-        processed += claimed
+    while time.perf_counter() - started < seconds and scheduler.process_one():
+        processed += 1
     print(processed, time.perf_counter() - started)
 
 

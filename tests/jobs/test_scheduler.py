@@ -16,7 +16,7 @@ from tests.jobs import standins
 NOW = datetime(2026, 3, 14, 15, 9, 26, 535000, tzinfo=UTC)
 
 
-def make_scheduler(collector, worker: str = "test:1/0", **overrides) -> Scheduler:
+def make_scheduler(collector, worker_id: str = "test:1", **overrides) -> Scheduler:
     options = {
         "batch_size": 10,
         "lease_seconds": 60,
@@ -25,7 +25,7 @@ def make_scheduler(collector, worker: str = "test:1/0", **overrides) -> Schedule
         "backoff_max_seconds": 900.0,
     }
     options.update(overrides)
-    return Scheduler(worker, collector, **options)
+    return Scheduler(worker_id, collector, **options)
 
 
 @pytest.fixture(params=["single-statement", "transaction"])
@@ -78,7 +78,7 @@ def test_a_run_exactly_at_a_close_schedules_the_following_close():
 def test_success_schedules_next_candle_close_plus_delay(release_path, connector, timeframe, expected):
     job = Job.objects.create(connector=connector, symbol="ETH/USDT", timeframe=timeframe, next_run_at=NOW)
     with time_machine.travel(NOW, tick=False):
-        assert make_scheduler(standins.instant).process_batch()
+        assert make_scheduler(standins.instant).process_one()
     job.refresh_from_db()
     assert job.next_run_at == expected
     assert job.lease_owner == ""
@@ -103,14 +103,14 @@ def test_transient_failure_backs_off_and_counts_failures(release_path, job):
     now = NOW
     with time_machine.travel(now, tick=False) as traveller:
         for failures, ceiling in [(1, 5), (2, 10), (3, 20)]:
-            assert scheduler.process_batch()
+            assert scheduler.process_one()
             job.refresh_from_db()
             assert job.consecutive_failures == failures
             assert job.status == Job.Status.ACTIVE
             assert "simulated outage" in job.last_error
             assert now + timedelta(seconds=ceiling / 2) <= job.next_run_at <= now + timedelta(seconds=ceiling)
             # Not due again before the backoff has passed: the worker does not hot-loop on it.
-            assert not scheduler.process_batch()
+            assert not scheduler.process_one()
             now = job.next_run_at
             traveller.move_to(now)
     failed = list(job.runs.order_by("started_at").values_list("status", "error"))
@@ -120,10 +120,10 @@ def test_transient_failure_backs_off_and_counts_failures(release_path, job):
 
 def test_success_after_failures_resets_the_failure_count(release_path, job):
     with time_machine.travel(NOW, tick=False):
-        make_scheduler(standins.transient_failure).process_batch()
+        make_scheduler(standins.transient_failure).process_one()
     job.refresh_from_db()
     with time_machine.travel(job.next_run_at, tick=False):
-        make_scheduler(standins.instant).process_batch()
+        make_scheduler(standins.instant).process_one()
     job.refresh_from_db()
     assert job.consecutive_failures == 0
     assert job.last_error == ""
@@ -131,7 +131,7 @@ def test_success_after_failures_resets_the_failure_count(release_path, job):
 
 def test_retry_after_larger_than_backoff_is_honoured(job):
     with time_machine.travel(NOW, tick=False):
-        make_scheduler(standins.transient_failure_with_retry_after).process_batch()
+        make_scheduler(standins.transient_failure_with_retry_after).process_one()
     job.refresh_from_db()
     assert job.next_run_at == NOW + timedelta(seconds=3600)
 
@@ -139,7 +139,7 @@ def test_retry_after_larger_than_backoff_is_honoured(job):
 def test_permanent_failure_stops_the_job_until_resumed(release_path, job):
     scheduler = make_scheduler(standins.permanent_failure)
     with time_machine.travel(NOW, tick=False):
-        assert scheduler.process_batch()
+        assert scheduler.process_one()
         job.refresh_from_db()
         assert job.status == Job.Status.ERROR
         assert job.last_error == "simulated does not list BTC/USDT"
@@ -147,9 +147,9 @@ def test_permanent_failure_stops_the_job_until_resumed(release_path, job):
         run = job.runs.get()
         assert (run.status, run.error) == (Run.Status.FAILED, "simulated does not list BTC/USDT")
     with time_machine.travel(NOW + timedelta(days=30), tick=False):
-        assert not scheduler.process_batch()
+        assert not scheduler.process_one()
         job.resume()
-        assert make_scheduler(standins.instant).process_batch()
+        assert make_scheduler(standins.instant).process_one()
     job.refresh_from_db()
     assert job.status == Job.Status.ACTIVE
     assert job.runs.filter(status=Run.Status.SUCCESS).count() == 1
@@ -161,9 +161,7 @@ def test_a_crashing_collector_is_recorded_and_the_worker_goes_on(connector):
     ]
     scheduler = make_scheduler(standins.crashing, batch_size=2)
     with time_machine.travel(NOW, tick=False):
-        assert scheduler.process_batch()
-        assert scheduler.process_batch()
-        assert not scheduler.process_batch()
+        assert [scheduler.process_one() for _ in range(4)] == [True, True, True, False]
     for job in jobs:
         job.refresh_from_db()
         assert job.last_error == "RuntimeError: bug in the collector"
@@ -176,7 +174,7 @@ def test_more_history_schedules_the_job_again_at_once(job):
         return standins.CollectResult(candles_fetched=1000, candles_written=1000, requests=1, more=True)
 
     with time_machine.travel(NOW, tick=False):
-        make_scheduler(partial).process_batch()
+        make_scheduler(partial).process_one()
     job.refresh_from_db()
     assert job.next_run_at == NOW
 
@@ -224,7 +222,7 @@ def test_a_batch_job_reclaimed_while_waiting_is_skipped(connector):
         runs = Job.objects.claim("a:1/0", 10, lease_seconds=30)
         traveller.shift(31)
         (taken,) = Job.objects.filter(pk=second.pk).claim("b:1/0", 10, lease_seconds=30)
-        scheduler = make_scheduler(standins.instant, worker="a:1/0")
+        scheduler = make_scheduler(standins.instant)
         outcomes = [scheduler.execute(run) for run in runs]
     assert outcomes == ["success", "lease_lost"]
     first.refresh_from_db()
@@ -245,7 +243,9 @@ def test_shutdown_releases_claimed_jobs_that_have_not_started(connector):
 
     scheduler = make_scheduler(stop_after_first, stopping=stopping)
     with time_machine.travel(NOW, tick=False):
-        assert scheduler.process_batch()
+        assert scheduler.process_one()
+        assert Run.objects.count() == 3  # the whole batch is claimed
+        scheduler.release_claimed()  # what each worker does when its loop ends
     assert Run.objects.count() == 1
     assert Run.objects.get().status == Run.Status.SUCCESS
     released = Job.objects.filter(next_run_at=NOW)
@@ -283,10 +283,32 @@ def test_release_outside_a_transaction_leaves_the_session_commit_mode_alone(conn
 
     job = Job.objects.create(connector=connector, symbol="BTC/USDT", timeframe="1h", next_run_at=NOW)
     with time_machine.travel(NOW, tick=False):
-        assert make_scheduler(standins.instant).process_batch()
+        assert make_scheduler(standins.instant).process_one()
     job.refresh_from_db()
     assert job.runs.get().status == Run.Status.SUCCESS
     assert job.lease_owner == ""
     with connection.cursor() as cursor:
         cursor.execute("SHOW synchronous_commit")
         assert cursor.fetchone()[0] == "on"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_workers_of_one_process_share_a_claimed_batch(connector):
+    for i in range(2):
+        Job.objects.create(connector=connector, symbol=f"S{i}/USDT", timeframe="1m")
+    # Both jobs must be running at the same time to pass the barrier: one worker claims the batch,
+    # the other takes the second job from it instead of idling.
+    barrier = threading.Barrier(2, timeout=20)
+
+    def together(job, run, heartbeat):
+        barrier.wait()
+        return standins.CollectResult(candles_written=1)
+
+    scheduler = make_scheduler(together, batch_size=10)
+    workers = [threading.Thread(target=scheduler.work, args=(True,)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert list(Run.objects.values_list("status", flat=True)) == [Run.Status.SUCCESS] * 2
+    assert Run.objects.values("worker").distinct().count() == 1  # one claim, two workers

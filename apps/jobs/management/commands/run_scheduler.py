@@ -5,12 +5,14 @@ claims use SELECT ... FOR UPDATE SKIP LOCKED with a lease, so a worker that dies
 until the lease expires. Each worker thread has its own database connection.
 """
 
+import itertools
 import logging
 import os
 import signal
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -40,11 +42,16 @@ Collector = Callable[[Job, Run, Callable[[], None]], Any]
 
 
 class Scheduler:
-    """The worker loop of one thread; `process_batch()` is the step tests call."""
+    """The work of one `run_scheduler` process, shared by its worker threads.
+
+    A worker that finds nothing queued claims a batch; the batch's runs are then handed out one at a
+    time to whichever worker is free, so a few due jobs still run in parallel. `process_one()` is the
+    step: run one job, True if there was one. `work()` is a worker thread's loop.
+    """
 
     def __init__(
         self,
-        worker: str,
+        worker_id: str,
         collector: Collector,
         *,
         batch_size: int,
@@ -52,26 +59,51 @@ class Scheduler:
         schedule_delay_seconds: float,
         backoff_base_seconds: float,
         backoff_max_seconds: float,
+        interval: float = 1.0,
         stopping: threading.Event | None = None,
     ) -> None:
-        self.worker = worker
+        self.worker_id = worker_id
         self.collector = collector
         self.batch_size = batch_size
         self.lease_seconds = lease_seconds
         self.schedule_delay_seconds = schedule_delay_seconds
         self.backoff_base_seconds = backoff_base_seconds
         self.backoff_max_seconds = backoff_max_seconds
+        self.interval = interval
         self.stopping = stopping or threading.Event()
+        self._queue: deque[Run] = deque()
+        self._lock = threading.Lock()
+        self._claims = itertools.count()
+        self._last_reap = 0.0
 
-    def process_batch(self) -> int:
-        """Claim a batch and run it; returns how many jobs were claimed (non-zero: call again at once)."""
-        runs = Job.objects.claim(self.worker, self.batch_size, self.lease_seconds)
-        for index, run in enumerate(runs):
-            if self.stopping.is_set():
-                self.release_unstarted(runs[index:])
-                break
+    def next_run(self) -> Run | None:
+        """A claimed run to execute, claiming a new batch when none is left; None when nothing is due."""
+        with self._lock:
+            if not self._queue and not self.stopping.is_set():
+                # Each claim gets its own lease owner, "<worker id>/<claim number>": a job whose
+                # lease expired and that this same process reclaims is then told apart from the
+                # stale claim, whose heartbeat and release must fail.
+                owner = f"{self.worker_id}/{next(self._claims)}"
+                self._queue.extend(Job.objects.claim(owner, self.batch_size, self.lease_seconds))
+            return self._queue.popleft() if self._queue else None
+
+    def process_one(self) -> bool:
+        """Run one due job; False when nothing is due."""
+        run = self.next_run()
+        if run is None:
+            return False
+        if self.stopping.is_set():
+            self.release_unstarted([run])
+        else:
             self.execute(run)
-        return len(runs)
+        return True
+
+    def release_claimed(self) -> None:
+        """Give back every claimed run no worker has started (on shutdown)."""
+        with self._lock:
+            runs = list(self._queue)
+            self._queue.clear()
+        self.release_unstarted(runs)
 
     def release_unstarted(self, runs: list[Run]) -> None:
         for run in runs:
@@ -80,6 +112,42 @@ class Scheduler:
             except Exception:
                 # Not fatal: the lease expires and another worker takes the job anyway.
                 logger.exception("could not release job %s on shutdown", run.job_id, extra={"job_id": run.job_id})
+
+    def work(self, once: bool = False) -> None:
+        """A worker thread's loop, until stopped (or, with `once`, until nothing is due)."""
+        try:
+            while not self.stopping.is_set():
+                close_old_connections()
+                try:
+                    found = self.process_one()
+                except Exception:
+                    # The database went away or similar: log, wait, try again; never spin.
+                    logger.exception("scheduler step failed", extra={"worker": self.worker_id})
+                    self.stopping.wait(self.interval)
+                    continue
+                if found:
+                    continue
+                if once:
+                    break
+                self.reap()
+                # Event.wait returns at once when a signal sets the flag.
+                self.stopping.wait(self.interval)
+            self.release_claimed()
+        finally:
+            connection.close()
+
+    def reap(self) -> None:
+        """Close orphaned runs no reclaim will close, at most every half lease."""
+        if time.monotonic() - self._last_reap < self.lease_seconds / 2:
+            return
+        self._last_reap = time.monotonic()
+        try:
+            closed = Run.objects.close_orphaned()
+        except Exception:
+            logger.exception("closing orphaned runs failed", extra={"worker": self.worker_id})
+            return
+        if closed:
+            logger.info("closed %s orphaned runs", closed, extra={"worker": self.worker_id, "closed": closed})
 
     def execute(self, run: Run) -> str:
         """Run one claimed job and record its outcome; never raises for the job's own failures."""
@@ -101,13 +169,13 @@ class Scheduler:
         except PermanentExchangeError as exc:
             outcome, error = "error", str(exc) or type(exc).__name__
             logger.warning(
-                "job %s stopped: %s", job.pk, error, extra={"job_id": job.pk, "worker": self.worker, "error": error}
+                "job %s stopped: %s", job.pk, error, extra={"job_id": job.pk, "worker": run.worker, "error": error}
             )
             partial = getattr(exc, "result", None)
             self._record(lambda: run.fail_permanently(error, partial))
         except Exception as exc:
             outcome, error = "failed", f"{type(exc).__name__}: {exc}"
-            logger.exception("job %s failed", job.pk, extra={"job_id": job.pk, "worker": self.worker})
+            logger.exception("job %s failed", job.pk, extra={"job_id": job.pk, "worker": run.worker})
             retry_after = getattr(exc, "retry_after", None)
             partial = getattr(exc, "result", None)
             self._record(
@@ -137,7 +205,7 @@ class Scheduler:
             release()
         except LeaseLost as exc:
             # Our lease expired and another worker reclaimed the job; it owns the outcome now.
-            logger.warning("%s", exc, extra={"worker": self.worker})
+            logger.warning("%s", exc, extra={"worker": self.worker_id})
 
     def _log(self, run: Run, outcome: str, result: Any, started: float, error: str) -> None:
         job = run.job
@@ -150,7 +218,7 @@ class Scheduler:
                 "exchange": job.connector.exchange_id,
                 "symbol": job.symbol,
                 "timeframe": job.timeframe,
-                "worker": self.worker,
+                "worker": run.worker,
                 "outcome": outcome,
                 "candles_fetched": getattr(result, "candles_fetched", 0),
                 "candles_written": getattr(result, "candles_written", 0),
@@ -225,25 +293,26 @@ class Command(BaseCommand):
 
         config = get_config().scheduler
         self.stopping = threading.Event()
-        self.once = options["once"]
-        self.interval = options["interval"]
-        self.lease_seconds = options["lease_seconds"]
         self._install_signal_handlers()
-        threads = []
-        for n in range(options["workers"]):
-            scheduler = Scheduler(
-                f"{options['worker_id']}/{n}",
-                collector,
-                batch_size=options["batch_size"],
-                lease_seconds=options["lease_seconds"],
-                schedule_delay_seconds=config.schedule_delay_seconds,
-                backoff_base_seconds=config.backoff_base_seconds,
-                backoff_max_seconds=config.backoff_max_seconds,
-                stopping=self.stopping,
+        scheduler = Scheduler(
+            options["worker_id"],
+            collector,
+            batch_size=options["batch_size"],
+            lease_seconds=options["lease_seconds"],
+            schedule_delay_seconds=config.schedule_delay_seconds,
+            backoff_base_seconds=config.backoff_base_seconds,
+            backoff_max_seconds=config.backoff_max_seconds,
+            interval=options["interval"],
+            stopping=self.stopping,
+        )
+        threads = [
+            threading.Thread(
+                target=scheduler.work, args=(options["once"],), name=f"{options['worker_id']}/w{n}", daemon=True
             )
-            thread = threading.Thread(target=self.work, args=(scheduler,), name=scheduler.worker, daemon=True)
+            for n in range(options["workers"])
+        ]
+        for thread in threads:
             thread.start()
-            threads.append(thread)
         # join() with a timeout keeps the main thread responsive to signals.
         for thread in threads:
             while thread.is_alive():
@@ -263,36 +332,3 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGTERM, handle_signal)
         signal.signal(signal.SIGINT, handle_signal)
-
-    def work(self, scheduler: Scheduler) -> None:
-        last_reap = 0.0
-        try:
-            while not self.stopping.is_set():
-                close_old_connections()
-                try:
-                    found = scheduler.process_batch()
-                except Exception:
-                    # The database went away or similar: log, wait, try again; never spin.
-                    logger.exception("scheduler step failed", extra={"worker": scheduler.worker})
-                    self.stopping.wait(self.interval)
-                    continue
-                if found:
-                    continue
-                if self.once:
-                    break
-                if time.monotonic() - last_reap > self.lease_seconds / 2:
-                    last_reap = time.monotonic()
-                    self._reap(scheduler.worker)
-                # Event.wait returns at once when a signal sets the flag.
-                self.stopping.wait(self.interval)
-        finally:
-            connection.close()
-
-    def _reap(self, worker: str) -> None:
-        try:
-            closed = Run.objects.close_orphaned()
-        except Exception:
-            logger.exception("closing orphaned runs failed", extra={"worker": worker})
-            return
-        if closed:
-            logger.info("closed %s orphaned runs", closed, extra={"worker": worker, "closed": closed})
