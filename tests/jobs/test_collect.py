@@ -266,3 +266,16 @@ def test_an_unlisted_binance_symbol_fails_permanently(binance, fake):
     job = make_job(binance, symbol="XRP/USDT")
     with pytest.raises(PermanentExchangeError, match="XRP/USDT"):
         collect_job(job, None, noop)
+
+
+def test_a_scheduler_claim_collects_and_records_its_run(simulated, frozen):
+    job = make_job(simulated, since=datetime(2024, 3, 1, 10, 0, tzinfo=UTC))
+    (run,) = Job.objects.claim("test-worker", limit=1, lease_seconds=60)
+    result = collect_job(run.job, run, run.heartbeat(60))
+    run.succeed(result, delay_seconds=2)
+
+    run.refresh_from_db()
+    assert (run.status, run.candles_written, run.requests) == ("success", 120, 1)
+    job.refresh_from_db()
+    assert job.cursor == LAST_CLOSED_1M
+    assert job.lease_owner == ""

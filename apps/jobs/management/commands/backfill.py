@@ -24,7 +24,7 @@ from tqdm import tqdm
 from apps.connectors.exchanges import ExchangeError, PermanentExchangeError, get_client, timeframe_ms
 from apps.connectors.models import Connector
 from apps.jobs.collect import CollectResult, claim_for_backfill, collect_job, datetime_to_ms, ms_to_datetime
-from apps.jobs.models import Job, validate_symbol, validate_timeframe
+from apps.jobs.models import Job, LeaseLost, validate_symbol, validate_timeframe
 from apps.marketdata import store
 from datacollector.config import get_config
 
@@ -217,7 +217,8 @@ class Command(BaseCommand):
             run = claim_for_backfill(job, worker, lease_seconds)
             if run is None:
                 job.refresh_from_db()
-                return job, None, f"skipped: held by {job.lease_owner} until {job.lease_expires_at:%H:%M:%S}"
+                until = f" until {job.lease_expires_at:%H:%M:%S} UTC" if job.lease_expires_at else ""
+                return job, None, f"skipped: being collected by {job.lease_owner or 'another worker'}{until}"
             config = get_config().scheduler
             result = CollectResult()
             heartbeat = run.heartbeat(lease_seconds)
@@ -227,6 +228,9 @@ class Command(BaseCommand):
                     result = result + collect_job(
                         job, run, heartbeat, until_ms=until_ms, progress=progress, stop=self.stopping, max_pages=None
                     )
+                except LeaseLost as exc:
+                    # The lease expired (this process stalled) and a scheduler worker took the job over.
+                    return job, result + getattr(exc, "result", CollectResult()), f"failed: {exc}"
                 except PermanentExchangeError as exc:
                     result = result + getattr(exc, "result", CollectResult())
                     run.fail_permanently(str(exc), result)
