@@ -332,7 +332,8 @@ class Run(models.Model):
         return (self.finished_at - self.started_at).total_seconds()
 
     def _owned_job(self) -> models.QuerySet:
-        # lease_owner is unique per worker thread, so it identifies this claim; a reclaim replaces it.
+        # Run.worker is the claim's lease owner, unique per claim ("<worker id>/<claim number>"), so it
+        # identifies this claim; a reclaim, even by the same process, replaces it.
         return Job.objects.filter(pk=self.job_id, lease_owner=self.worker)
 
     def renew_lease(self, lease_seconds: float) -> None:

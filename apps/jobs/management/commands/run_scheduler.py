@@ -2,7 +2,8 @@
 
 Any number of these processes, on any number of machines, share the work through the database:
 claims use SELECT ... FOR UPDATE SKIP LOCKED with a lease, so a worker that dies only delays its jobs
-until the lease expires. Each worker thread has its own database connection.
+until the lease expires. The worker threads of one process share each claimed batch, and each has its
+own database connection.
 """
 
 import itertools
