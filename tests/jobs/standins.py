@@ -35,6 +35,19 @@ def brief(job: Job, run: Run, heartbeat: Callable[[], None]) -> CollectResult:
     return CollectResult(candles_fetched=2, candles_written=2, requests=1)
 
 
+def gated(job: Job, run: Run, heartbeat: Callable[[], None]) -> CollectResult:
+    """Announce this process (`ready-<pid>`), wait for the file `go` (bounded), then work briefly.
+
+    Lets a test start several processes and hold the work until every one of them has claimed some.
+    """
+    directory = _marker_dir()
+    (directory / f"ready-{os.getpid()}").touch()
+    deadline = time.monotonic() + BLOCK_LIMIT_SECONDS
+    while not (directory / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return brief(job, run, heartbeat)
+
+
 def blocking(job: Job, run: Run, heartbeat: Callable[[], None]) -> CollectResult:
     """Announce the start (`started-<job id>`), then wait for the file `release` (bounded)."""
     directory = _marker_dir()
