@@ -126,7 +126,8 @@ _OBSERVE_SQL = """
 WITH cur AS (
     SELECT r.id, r.capacity, r.refill_per_second, r.tokens, r.updated_at, GREATEST(t.now, r.updated_at) AS now
     FROM ratelimits_ratelimit r, (SELECT clock_timestamp() AS now) t
-    WHERE r.exchange_id = %(exchange_id)s
+    -- Most answers leave more than a full bucket of budget: then there is nothing to lock or write.
+    WHERE r.exchange_id = %(exchange_id)s AND %(remaining)s < r.capacity
     FOR UPDATE OF r
 )
 UPDATE ratelimits_ratelimit AS r
@@ -319,12 +320,14 @@ class RateLimitQuerySet(models.QuerySet):
         """The exchange reported `used_weight` of its `limit` for the current minute (Binance
         X-MBX-USED-WEIGHT-1M): drain the shared bucket so it never offers more than the exchange allows."""
         remaining = float(limit) - float(used_weight)
-        self.ensure(exchange_id)
+        # The caller made a request, so acquire_token has created the row already.
         if self._postgres():
             self._fetch(_OBSERVE_SQL, {"exchange_id": exchange_id, "remaining": remaining})
             return
         with transaction.atomic(using=self.db):
-            row = self._locked(exchange_id)
+            row = self.select_for_update().filter(exchange_id=exchange_id).first()
+            if row is None or remaining >= row.capacity:
+                return
             now = max(timezone.now(), row.updated_at)
             refilled = min(row.capacity, row.tokens + (now - row.updated_at).total_seconds() * row.refill_per_second)
             row.tokens, row.updated_at = max(0.0, min(refilled, remaining)), now

@@ -121,6 +121,14 @@ def test_reported_used_weight_drains_the_bucket(path):
     assert acquire_token("testex", 10) > 0
 
 
+def test_reported_weight_leaving_more_than_a_bucket_changes_nothing(path):
+    bucket(capacity=300, refill=90, tokens=12)
+    before = RateLimit.objects.get(exchange_id="testex")
+    RateLimit.objects.observe_used_weight("testex", used_weight=100, limit=6000)
+    after = RateLimit.objects.get(exchange_id="testex")
+    assert (after.tokens, after.updated_at) == (before.tokens, before.updated_at)
+
+
 def test_exhausted_exchange_budget_pauses_until_the_next_minute(path):
     bucket(capacity=300, refill=90)
     RateLimit.objects.observe_used_weight("testex", used_weight=6000, limit=6000)
