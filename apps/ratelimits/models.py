@@ -1,7 +1,8 @@
 """The per-exchange token bucket every worker on every machine shares through the database.
 
 On PostgreSQL each operation is one atomic statement that reads the database clock
-(`clock_timestamp()`), so processes on machines with skewed clocks still agree. On SQLite (one
+(`clock_timestamp()`), so processes on machines with skewed clocks still agree (a grant is one
+UPDATE ... RETURNING; a refusal takes a second statement that counts it and computes the wait). On SQLite (one
 machine, `BEGIN IMMEDIATE` configured in settings) the same arithmetic runs in Python inside a
 write-locked transaction, which serializes callers just as well.
 """
@@ -47,7 +48,7 @@ class _Decision:
 
 
 def _decide(row: "RateLimit", weight: float, now: datetime) -> _Decision:
-    """The bucket arithmetic of `_ACQUIRE_SQL`, in Python, for backends without it."""
+    """The bucket arithmetic of `_GRANT_SQL` and `_DENY_SQL`, in Python, for backends without them."""
     # updated_at never moves backwards, so a caller with a stale clock is credited nothing, never extra.
     now = max(now, row.updated_at)
     elapsed = (now - row.updated_at).total_seconds()
