@@ -7,13 +7,16 @@ dropped afterwards. One series of BENCH_INDICATOR_CANDLES (default 500,000) 1m c
   update           update_indicators after appending 1,000 new candles (what one collection run of a
                    series that fell 1,000 candles behind costs); the median of BENCH_INDICATOR_RUNS runs
   update again     the same update repeated: nothing changed, so no row is rewritten
+  revised          update_indicators after revising the first of those 1,000 candles: every row from
+                   there on changes (EMA memory), so all 1,000 are rewritten
 
 Each line splits the wall time into reading candles (warm-up history plus the new range), computing (ta
 and the stability mask) and writing rows, so it says which part dominates, and gives the CPU time of this
 process and of the PostgreSQL backend serving it (from /proc, when the server is local): on a busy
-machine the wall time is mostly waiting, and the CPU figures are what an idle one would approach (the
-server's in 10 ms clock ticks). Goal: an update of 1,000 candles in at most 15 ms per series. Figures are
-for comparison between runs on the same machine; never asserted.
+machine the wall time is mostly waiting, and the CPU figures are what an idle one would approach. The
+server's CPU comes in 10 ms clock ticks, so its figure is the mean over the runs, not the median.
+Goal: an update of 1,000 candles in at most 15 ms per series. Figures are for comparison between runs
+on the same machine; never asserted.
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/datacollector python -m benchmarks indicators
     BENCH_INDICATOR_CANDLES=100000 python -m benchmarks.bench_indicators    # a quicker run
@@ -135,10 +138,11 @@ def measure(action: Callable[[], int]) -> dict[str, float]:
 def report(label: str, runs: list[dict[str, float]]) -> None:
     """The median of each figure over the runs (a single run is its own median)."""
     m = {key: statistics.median(run.get(key, 0.0) for run in runs) for key in runs[0]}
+    m["server_cpu"] = statistics.fmean(run["server_cpu"] for run in runs)  # ticks: a median would be 0 or 10 ms
     split = "  ".join(f"{name} {1000 * m.get(name, 0.0):7.1f}" for name in ("read", "compute", "write"))
     dominant = max(("read", "compute", "write"), key=lambda name: m.get(name, 0.0))
     print(
-        f"  {label:<34} {1000 * m['wall']:9.1f} ms wall  ({split} ms; {dominant} dominates)  "
+        f"  {label:<40} {1000 * m['wall']:9.1f} ms wall  ({split} ms; {dominant} dominates)  "
         f"CPU: client {1000 * m['client_cpu']:7.1f} ms, server {1000 * m['server_cpu']:7.1f} ms  "
         f"{int(m['rows']):,} rows",
         flush=True,
@@ -160,14 +164,17 @@ def run() -> None:
     print(f"  columns: {', '.join(indicators.names)}; warm-up {indicators.warmup} candles")
 
     report(f"full recompute of {TOTAL:,}", [measure(lambda: recompute_series(*SERIES))])
-    updates, repeats = [], []
+    updates, repeats, revisions = [], [], []
     for run_index in range(RUNS):
         first = TOTAL + run_index * UPDATE
         from_ts = store_candles(first, UPDATE, walk[first : first + UPDATE])
         updates.append(measure(lambda from_ts=from_ts: update_indicators(*SERIES, from_ts)))
         repeats.append(measure(lambda from_ts=from_ts: update_indicators(*SERIES, from_ts)))
+        store_candles(first, 1, [walk[first] * 1.001])
+        revisions.append(measure(lambda from_ts=from_ts: update_indicators(*SERIES, from_ts)))
     report(f"update, {UPDATE:,} new (median of {RUNS})", updates)
     report(f"same update again (median of {RUNS})", repeats)
+    report(f"revised, {UPDATE:,} rewritten (median of {RUNS})", revisions)
     walls = sorted(1000 * run["wall"] for run in updates)
     print(f"  update wall: best {walls[0]:.1f} ms, worst {walls[-1]:.1f} ms; goal <= 15 ms per 1,000 candles")
 

@@ -1,7 +1,8 @@
 """Indicators on the embedded store over SQLite (the default database of `make run`), in a child process.
 
-The suite's database is PostgreSQL, so the portable write path (bulk_create with update_conflicts) and
-the candle read run in a subprocess against a scratch SQLite file.
+The suite's database is PostgreSQL, so the portable write path (bulk_create with update_conflicts), the
+candle read and the Python path of the migration from JSON rows run in a subprocess against a scratch
+SQLite file.
 """
 
 import json
@@ -26,6 +27,16 @@ import django
 django.setup()
 from django.core.management import call_command
 
+# A JSON row from before migration 0002, converted by its Python path.
+call_command("migrate", "marketdata", "0001", verbosity=0)
+from django.db import connection
+
+with connection.cursor() as cursor:
+    cursor.execute(
+        'INSERT INTO marketdata_indicatorrow (exchange_id, symbol, timeframe, ts, "values") '
+        "VALUES (%s, %s, %s, %s, %s)",
+        ["binance", "ETH/USDT", "1m", 1, json.dumps({"sma_20": 2345.678901234567, "rsi_14": None})],
+    )
 call_command("migrate", "marketdata", verbosity=0)
 from apps.marketdata import store
 from apps.marketdata.indicators import read_indicators, update_indicators
@@ -33,18 +44,19 @@ from apps.marketdata.indicators import read_indicators, update_indicators
 T0, M = 1_704_067_200_000, 60_000
 series = ("binance", "BTC/USDT", "1m")
 close = json.loads(sys.stdin.read())
+converted = read_indicators("binance", "ETH/USDT", "1m")
 rows = [[T0 + i * M, c, c, c, c, 1.0] for i, c in enumerate(close)]
 store.upsert_candles(*series, rows[:1_200])
 written = [update_indicators(*series, T0)]
 store.upsert_candles(*series, rows[1_200:])
 written.append(update_indicators(*series, T0 + 1_200 * M))
 written.append(update_indicators(*series, T0 + 1_200 * M))  # again: idempotent
-print(json.dumps({"written": written, "rows": read_indicators(*series)}))
+print(json.dumps({"written": written, "rows": read_indicators(*series), "converted": converted}))
 """
 
 
 @pytest.mark.slow
-def test_incremental_updates_on_sqlite_equal_a_full_recompute(tmp_path: Path):
+def test_incremental_updates_and_converted_rows_on_sqlite_equal_a_full_recompute(tmp_path: Path):
     close = random_walk(n=1_500, seed=17)
     env = {
         **os.environ,
@@ -66,6 +78,7 @@ def test_incremental_updates_on_sqlite_equal_a_full_recompute(tmp_path: Path):
     assert child.returncode == 0, child.stderr
 
     report = json.loads(child.stdout.strip().splitlines()[-1])
+    assert report["converted"] == [[1, {"sma_20": 2345.678901234567, "rsi_14": None}]]
     assert report["written"] == [1_200, 300, 300]
     rows = report["rows"]
     assert [ts for ts, _ in rows] == [1_704_067_200_000 + i * 60_000 for i in range(1_500)]

@@ -6,16 +6,19 @@ The heavy cases run on the SQL store (PostgreSQL); the backend-contract cases al
 import numpy as np
 import pytest
 from backtesting.test import GOOG
+from django.db import connection
 
-from apps.marketdata import store
+from apps.marketdata import indicators, store
 from apps.marketdata.indicators import (
     IndicatorSet,
+    PackedRows,
     indicator_set,
     read_indicators,
     recompute_series,
     update_indicators,
+    write_indicators,
 )
-from apps.marketdata.models import IndicatorRow
+from apps.marketdata.models import IndicatorRow, unpack_values
 from datacollector.config import BollingerConfig, IndicatorConfig, MacdConfig, get_config
 from tests.marketdata.test_indicators import errors, random_walk, talib_reference
 
@@ -197,9 +200,82 @@ def test_warmup_reaches_back_past_a_flat_stretch_for_rsi(sql_store, default_set)
 def test_update_is_idempotent(sql_store, default_set):
     put_candles(random_walk(n=1_200, seed=14))
     assert update_indicators(*SERIES, ts_of(0)) == 1_200
-    first = list(IndicatorRow.objects.order_by("ts").values_list("ts", "values"))
+    first = read_indicators(*SERIES)
     assert update_indicators(*SERIES, ts_of(0)) == 1_200
-    assert list(IndicatorRow.objects.order_by("ts").values_list("ts", "values")) == first
+    assert read_indicators(*SERIES) == first
+
+
+def tuple_ids() -> dict[int, str]:
+    """ts -> the physical location of the row's current version (PostgreSQL's ctid): a rewrite moves it."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT ts, ctid::text FROM {IndicatorRow._meta.db_table}")
+        return dict(cursor.fetchall())
+
+
+def test_a_repeated_update_rewrites_no_row(sql_store):
+    put_candles(random_walk(n=1_200, seed=14))
+    update_indicators(*SERIES, ts_of(0))
+    before = tuple_ids()
+    assert update_indicators(*SERIES, ts_of(0)) == 1_200
+    assert tuple_ids() == before
+
+
+def test_an_update_rewrites_only_the_rows_whose_values_changed(sql_store, default_set):
+    close = random_walk(n=2_000, seed=23)
+    put_candles(close)
+    update_indicators(*SERIES, ts_of(0))
+    before = tuple_ids()
+    put_candles(np.array([close[1_900] * 1.01]), 1_900)
+    update_indicators(*SERIES, ts_of(0))  # the same window as before: rows up to the revision are bit-identical
+    after = tuple_ids()
+    assert all(after[ts_of(i)] == before[ts_of(i)] for i in range(1_900))
+    assert all(after[ts_of(i)] != before[ts_of(i)] for i in range(1_900, 2_000))
+    assert_equals_full_recompute(default_set)
+
+
+def race_with_another_writer(monkeypatch, default_set) -> None:
+    """Stale rows appear after the update read the stored rows (hidden from that read by patching it: two
+    writers cannot be interleaved at that exact point for real); the INSERT hits them and the upsert
+    settles the batch."""
+    close = random_walk(n=1_000, seed=24)
+    put_candles(close)
+    ts = np.array([ts_of(i) for i in range(400, 600)], dtype=np.int64)
+    write_indicators(*SERIES, ts, {name: np.zeros(len(ts)) for name in default_set.names})
+    monkeypatch.setattr(indicators, "_stored_rows", lambda *args: [])
+    assert update_indicators(*SERIES, ts_of(0)) == 1_000
+    assert_equals_full_recompute(default_set)
+
+
+def test_rows_another_writer_inserted_meanwhile_are_upserted(sql_store, default_set, monkeypatch):
+    assert connection.in_atomic_block  # the test's transaction: the failed INSERT rolls back to a savepoint
+    race_with_another_writer(monkeypatch, default_set)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rows_another_writer_inserted_meanwhile_are_upserted_in_autocommit(sql_store, default_set, monkeypatch):
+    assert not connection.in_atomic_block
+    race_with_another_writer(monkeypatch, default_set)
+
+
+def test_packed_rows_compare_bytes_with_the_stored_rows():
+    nan = float("nan")
+    negative_nan = -np.float64(nan)  # what 0/0 gives on x86: NaN with the sign bit set
+    rows = PackedRows.pack(
+        np.array([10, 20, 30, 40, 50], dtype=np.int64),
+        {"a": np.array([1.0, 2.0, negative_nan, 4.0, 5.0]), "b": np.array([nan, 2.5, 3.5, 4.5, 5.5])},
+    )
+    data = rows.data()
+    assert unpack_values(rows.columns, data[2]) == {"a": None, "b": 3.5}
+    stored = [
+        (10, "a,b", data[0]),  # identical
+        (20, "a,b", PackedRows.pack(np.array([20]), {"a": np.array([2.0]), "b": np.array([2.6])}).data()[0]),
+        (25, "a,b", data[0]),  # a stored row this batch does not hold (its candle is gone): not ours to judge
+        (30, "a,b", PackedRows.pack(np.array([30]), {"a": np.array([nan]), "b": np.array([3.5])}).data()[0]),
+        (40, "a", data[3][:8]),  # written under another config
+    ]
+    new, changed = rows.compare(stored)
+    assert new.tolist() == [4]
+    assert changed.tolist() == [1, 3]
 
 
 def test_update_without_candles_at_or_after_from_ts_writes_nothing(candle_store):
