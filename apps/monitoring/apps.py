@@ -3,3 +3,8 @@ from django.apps import AppConfig
 
 class MonitoringConfig(AppConfig):
     name = "apps.monitoring"
+
+    def ready(self) -> None:
+        from apps.monitoring import metrics
+
+        metrics.register()
