@@ -204,9 +204,10 @@ def _retry_after_seconds(headers: Any) -> float | None:
 class _Guard:
     """The shared limiter, the circuit breaker and the retries around every request of one exchange."""
 
-    def __init__(self, exchange_id: str, weight_limit_per_minute: int | None) -> None:
+    def __init__(self, exchange_id: str, weight_limit_per_minute: int | None, bucket_capacity: float | None) -> None:
         self.exchange_id = exchange_id
         self.weight_limit_per_minute = weight_limit_per_minute
+        self.bucket_capacity = bucket_capacity
         self.stats = RequestStats()
 
     def call(self, weight: int, send: Callable[[], T], headers: Callable[[], Any] = lambda: None) -> T:
@@ -299,12 +300,18 @@ class _Guard:
         used = headers.get("X-MBX-USED-WEIGHT-1M") or headers.get("x-mbx-used-weight-1m")
         if used is None:
             return
-        from apps.ratelimits.models import RateLimit
-
         try:
-            RateLimit.objects.observe_used_weight(self.exchange_id, int(used), self.weight_limit_per_minute)
+            used = int(used)
         except ValueError:
             logger.warning("%s sent an unreadable used-weight header: %r", self.exchange_id, used)
+            return
+        if self.bucket_capacity is not None and self.weight_limit_per_minute - used >= self.bucket_capacity:
+            # The bucket never holds more than its capacity, so this much headroom changes nothing:
+            # skip the two queries (most answers, when only the collector uses the exchange).
+            return
+        from apps.ratelimits.models import RateLimit
+
+        RateLimit.objects.observe_used_weight(self.exchange_id, used, self.weight_limit_per_minute)
 
 
 # --- ccxt ---------------------------------------------------------------------------------------------
@@ -366,6 +373,7 @@ class CcxtClient:
         options: dict | None = None,
         credentials: dict[str, str] | None = None,
         weight_limit_per_minute: int | None = None,
+        bucket_capacity: float | None = None,
     ) -> None:
         self.exchange_id = exchange_id
         self.profile = PROFILES.get(exchange_id, _DEFAULT_PROFILE)
@@ -376,7 +384,7 @@ class CcxtClient:
         config.update(credentials or {})
         self.exchange: ccxt.Exchange = getattr(ccxt, exchange_id)(config)
         self._markets_key = json.dumps([exchange_id, options or {}], sort_keys=True, default=str)
-        self._guard = _Guard(exchange_id, weight_limit_per_minute)
+        self._guard = _Guard(exchange_id, weight_limit_per_minute, bucket_capacity)
         self.stats = self._guard.stats
         self._markets_loaded_at: float | None = None
 
@@ -485,14 +493,19 @@ class SimulatedClient:
     # Period (ms) and amplitude (log-price) of each noise scale.
     _SCALES = [(4 * 60_000 * 4**k, 0.0015 * 2.2**k) for k in range(9)]
 
-    def __init__(self, options: dict | None = None, weight_limit_per_minute: int | None = None) -> None:
+    def __init__(
+        self,
+        options: dict | None = None,
+        weight_limit_per_minute: int | None = None,
+        bucket_capacity: float | None = None,
+    ) -> None:
         options = options or {}
         self.exchange_id = SIMULATED
         self.latency = float(options.get("latency_ms", 0)) / 1000.0
         self.failure_rate = float(options.get("failure_rate", 0.0))
         self.seed = str(options.get("seed", "datacollector"))
         self._random = random.Random()
-        self._guard = _Guard(SIMULATED, weight_limit_per_minute)
+        self._guard = _Guard(SIMULATED, weight_limit_per_minute, bucket_capacity)
         self.stats = self._guard.stats
 
     def __repr__(self) -> str:
@@ -597,6 +610,7 @@ def get_client(connector: Any) -> ExchangeClient:
             connector.exchange_id,
             connector.options,
             weight_limit,
+            connector.rate_limit_burst,
             [getattr(connector, f, "") for f in ("api_key_env", "api_secret_env", "api_password_env")],
         ],
         sort_keys=True,
@@ -606,9 +620,15 @@ def get_client(connector: Any) -> ExchangeClient:
     client = cache.get(key)
     if client is None:
         if connector.exchange_id == SIMULATED:
-            client = SimulatedClient(connector.options, weight_limit)
+            client = SimulatedClient(connector.options, weight_limit, connector.rate_limit_burst)
         elif connector.exchange_id in ccxt.exchanges:
-            client = CcxtClient(connector.exchange_id, connector.options, _credentials(connector), weight_limit)
+            client = CcxtClient(
+                connector.exchange_id,
+                connector.options,
+                _credentials(connector),
+                weight_limit,
+                connector.rate_limit_burst,
+            )
         else:
             raise PermanentExchangeError(f"unknown exchange id {connector.exchange_id!r}: not a ccxt exchange")
         cache[key] = client
