@@ -1,9 +1,10 @@
 """`manage.py recompute_indicators`: rebuild the stored indicators of an exchange's series from their candles.
 
-Run it after changing `indicators` in the collector YAML: every row of the chosen series is rewritten
-with exactly the configured columns (columns no longer configured disappear), and rows whose candle no
-longer exists are deleted. Collection keeps indicators current on its own; this is for config changes
-and repairs. Safe beside a running scheduler: both write the same values for the same candles.
+Run it after changing `indicators` in the collector YAML: every row of the chosen series ends up with
+exactly the configured columns (columns no longer configured disappear; rows already holding exactly
+the recomputed values are not rewritten), and rows whose candle no longer exists are deleted.
+Collection keeps indicators current on its own; this is for config changes and repairs. Safe beside a
+running scheduler: both write the same values for the same candles.
 """
 
 import sys
