@@ -60,7 +60,6 @@ import functools
 import math
 import struct
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -370,7 +369,7 @@ def _read_closes(exchange_id: str, symbol: str, timeframe: str, start_ts: int) -
     if store.uses_mongo():
         cursor = (
             store.get_mongo_db()[store.CANDLES]
-            .find(_series_query(exchange_id, symbol, timeframe, start_ts, None), {"_id": 0, "ts": 1, "close": 1})
+            .find(store.mongo_filter(exchange_id, symbol, timeframe, start_ts, None), {"_id": 0, "ts": 1, "close": 1})
             .sort("ts", 1)
         )
         rows = [(doc["ts"], doc["close"]) for doc in cursor]
@@ -482,7 +481,11 @@ def _stored_rows(exchange_id: str, symbol: str, timeframe: str, first: int, last
                 binary=True,
             )
             return cursor.fetchall()
-    return list(_sql_rows(exchange_id, symbol, timeframe, first, last).values_list("ts", "columns", "data").order_by())
+    return list(
+        store.sql_series(IndicatorRow, exchange_id, symbol, timeframe, first, last)
+        .values_list("ts", "columns", "data")
+        .order_by()
+    )
 
 
 def _postgres_write(exchange_id: str, symbol: str, timeframe: str, new: PackedRows, changed: PackedRows) -> None:
@@ -649,27 +652,29 @@ def delete_indicators(
 ) -> int:
     """Delete a series' indicator rows (within the inclusive bounds, if given); returns how many."""
     if store.uses_mongo():
-        query = _series_query(exchange_id, symbol, timeframe, start_ts, end_ts)
+        query = store.mongo_filter(exchange_id, symbol, timeframe, start_ts, end_ts)
         return store.get_mongo_db()[store.INDICATORS].delete_many(query).deleted_count
-    deleted, _ = _sql_rows(exchange_id, symbol, timeframe, start_ts, end_ts).delete()
+    deleted, _ = store.sql_series(IndicatorRow, exchange_id, symbol, timeframe, start_ts, end_ts).delete()
     return deleted
 
 
 def _stored_ts(exchange_id: str, symbol: str, timeframe: str) -> np.ndarray:
     if store.uses_mongo():
-        query = _series_query(exchange_id, symbol, timeframe, None, None)
+        query = store.mongo_filter(exchange_id, symbol, timeframe, None, None)
         ts = [doc["ts"] for doc in store.get_mongo_db()[store.INDICATORS].find(query, {"_id": 0, "ts": 1})]
     else:
-        ts = list(_sql_rows(exchange_id, symbol, timeframe, None, None).values_list("ts", flat=True))
+        ts = list(
+            store.sql_series(IndicatorRow, exchange_id, symbol, timeframe, None, None).values_list("ts", flat=True)
+        )
     return np.array(ts, dtype=np.int64)
 
 
 def _delete_ts(exchange_id: str, symbol: str, timeframe: str, ts: list[int]) -> None:
     if store.uses_mongo():
-        query = {**_series_query(exchange_id, symbol, timeframe, None, None), "ts": {"$in": ts}}
+        query = {**store.mongo_filter(exchange_id, symbol, timeframe, None, None), "ts": {"$in": ts}}
         store.get_mongo_db()[store.INDICATORS].delete_many(query)
     else:
-        _sql_rows(exchange_id, symbol, timeframe, None, None).filter(ts__in=ts).delete()
+        store.sql_series(IndicatorRow, exchange_id, symbol, timeframe, None, None).filter(ts__in=ts).delete()
 
 
 def read_indicators(
@@ -686,13 +691,15 @@ def read_indicators(
     if store.uses_mongo():
         cursor = (
             store.get_mongo_db()[store.INDICATORS]
-            .find(_series_query(exchange_id, symbol, timeframe, start_ts, end_ts), {"_id": 0, "ts": 1, "values": 1})
+            .find(
+                store.mongo_filter(exchange_id, symbol, timeframe, start_ts, end_ts), {"_id": 0, "ts": 1, "values": 1}
+            )
             .sort("ts", 1)
         )
         if limit is not None:
             cursor = cursor.limit(limit)
         return [(doc["ts"], doc.get("values") or {}) for doc in cursor]
-    queryset = _sql_rows(exchange_id, symbol, timeframe, start_ts, end_ts).order_by("ts")
+    queryset = store.sql_series(IndicatorRow, exchange_id, symbol, timeframe, start_ts, end_ts).order_by("ts")
     if limit is not None:
         queryset = queryset[:limit]
     return [(ts, unpack_values(columns, data)) for ts, columns, data in queryset.values_list("ts", "columns", "data")]
@@ -708,37 +715,9 @@ def iter_indicators(
     chunk_size: int = store.ITER_CHUNK,
 ) -> Iterator[tuple[int, dict[str, float | None]]]:
     """Like read_indicators, one chunk (a keyset-paged query) in memory at a time."""
-    remaining = limit
-    next_start = start_ts
-    while remaining is None or remaining > 0:
-        size = chunk_size if remaining is None else min(chunk_size, remaining)
-        chunk = read_indicators(exchange_id, symbol, timeframe, next_start, end_ts, size)
-        yield from chunk
-        if len(chunk) < size:
-            return
-        if remaining is not None:
-            remaining -= len(chunk)
-        next_start = chunk[-1][0] + 1
-
-
-def _series_query(
-    exchange_id: str, symbol: str, timeframe: str, start_ts: int | None, end_ts: int | None
-) -> dict[str, Any]:
-    query: dict[str, Any] = {"exchange_id": exchange_id, "symbol": symbol, "timeframe": timeframe}
-    bounds = {}
-    if start_ts is not None:
-        bounds["$gte"] = start_ts
-    if end_ts is not None:
-        bounds["$lte"] = end_ts
-    if bounds:
-        query["ts"] = bounds
-    return query
-
-
-def _sql_rows(exchange_id: str, symbol: str, timeframe: str, start_ts: int | None, end_ts: int | None):
-    queryset = IndicatorRow.objects.filter(exchange_id=exchange_id, symbol=symbol, timeframe=timeframe)
-    if start_ts is not None:
-        queryset = queryset.filter(ts__gte=start_ts)
-    if end_ts is not None:
-        queryset = queryset.filter(ts__lte=end_ts)
-    return queryset
+    return store.iter_chunks(
+        lambda start, size: read_indicators(exchange_id, symbol, timeframe, start, end_ts, size),
+        start_ts,
+        limit,
+        chunk_size,
+    )

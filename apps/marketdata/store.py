@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from numbers import Real
 from typing import Any, NamedTuple
@@ -32,7 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 import psycopg
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
-from django.db import connection, transaction
+from django.db import connection, models, transaction
 from django.db.models import Count, Max, Min
 from pymongo import MongoClient, UpdateOne
 from pymongo.errors import BulkWriteError, OperationFailure
@@ -270,9 +270,10 @@ def _ts_range(start_ts: int | None, end_ts: int | None) -> dict[str, int]:
     return bounds
 
 
-def _mongo_filter(
+def mongo_filter(
     exchange_id: str, symbol: str, timeframe: str, start_ts: int | None = None, end_ts: int | None = None
 ) -> dict[str, Any]:
+    """The MongoDB filter of one series, `ts` bounds inclusive (candles and indicators alike)."""
     query: dict[str, Any] = _series_filter(exchange_id, symbol, timeframe)
     bounds = _ts_range(start_ts, end_ts)
     if bounds:
@@ -467,23 +468,50 @@ def delete_series(
     if uses_mongo():
         return (
             get_mongo_db()[CANDLES]
-            .delete_many(_mongo_filter(exchange_id, symbol, timeframe, start_ts, end_ts))
+            .delete_many(mongo_filter(exchange_id, symbol, timeframe, start_ts, end_ts))
             .deleted_count
         )
-    deleted, _ = _sql_series(exchange_id, symbol, timeframe, start_ts, end_ts).delete()
+    deleted, _ = sql_series(Candle, exchange_id, symbol, timeframe, start_ts, end_ts).delete()
     return deleted
 
 
 # --- Reads ------------------------------------------------------------------------------------------
 
 
-def _sql_series(exchange_id: str, symbol: str, timeframe: str, start_ts: int | None = None, end_ts: int | None = None):
-    queryset = Candle.objects.filter(exchange_id=exchange_id, symbol=symbol, timeframe=timeframe)
+def sql_series(
+    model: type[models.Model],
+    exchange_id: str,
+    symbol: str,
+    timeframe: str,
+    start_ts: int | None = None,
+    end_ts: int | None = None,
+) -> models.QuerySet:
+    """The rows of one series in `model`'s table (Candle, IndicatorRow), `ts` bounds inclusive."""
+    queryset = model.objects.filter(exchange_id=exchange_id, symbol=symbol, timeframe=timeframe)
     if start_ts is not None:
         queryset = queryset.filter(ts__gte=start_ts)
     if end_ts is not None:
         queryset = queryset.filter(ts__lte=end_ts)
     return queryset
+
+
+def iter_chunks(
+    read: Callable[[int | None, int], list], start_ts: int | None, limit: int | None, chunk_size: int
+) -> Iterator:
+    """Yield the rows `read(start_ts, size)` returns, chunk after chunk, each continuing after the last
+    ts seen (row[0]): keyset paging on the unique index, so memory stays flat however long the range,
+    and no server-side cursor or transaction is held open while a slow consumer takes its time."""
+    remaining = limit
+    next_start = start_ts
+    while remaining is None or remaining > 0:
+        size = chunk_size if remaining is None else min(chunk_size, remaining)
+        chunk = read(next_start, size)
+        yield from chunk
+        if len(chunk) < size:
+            return
+        if remaining is not None:
+            remaining -= len(chunk)
+        next_start = chunk[-1][0] + 1
 
 
 def read_candles(
@@ -504,7 +532,7 @@ def read_candles(
         cursor = (
             get_mongo_db()[CANDLES]
             .find(
-                _mongo_filter(exchange_id, symbol, timeframe, start_ts, end_ts),
+                mongo_filter(exchange_id, symbol, timeframe, start_ts, end_ts),
                 {"_id": 0, "ts": 1, **dict.fromkeys(VALUE_FIELDS, 1)},
             )
             .sort("ts", 1)
@@ -512,7 +540,7 @@ def read_candles(
         if limit is not None:
             cursor = cursor.limit(limit)
         return [[doc["ts"], doc["open"], doc["high"], doc["low"], doc["close"], doc["volume"]] for doc in cursor]
-    queryset = _sql_series(exchange_id, symbol, timeframe, start_ts, end_ts).order_by("ts")
+    queryset = sql_series(Candle, exchange_id, symbol, timeframe, start_ts, end_ts).order_by("ts")
     if limit is not None:
         queryset = queryset[:limit]
     return [list(row) for row in queryset.values_list("ts", *VALUE_FIELDS)]
@@ -527,23 +555,13 @@ def iter_candles(
     limit: int | None = None,
     chunk_size: int = ITER_CHUNK,
 ) -> Iterator[list]:
-    """Like read_candles, but yields rows one by one, fetching `chunk_size` at a time.
-
-    Each chunk is its own query continuing after the last ts seen (keyset paging on the unique index),
-    so memory stays flat however long the range, and no server-side cursor or transaction is held open
-    while a slow consumer (an HTTP client downloading CSV) takes its time.
-    """
-    remaining = limit
-    next_start = start_ts
-    while remaining is None or remaining > 0:
-        size = chunk_size if remaining is None else min(chunk_size, remaining)
-        chunk = read_candles(exchange_id, symbol, timeframe, next_start, end_ts, size)
-        yield from chunk
-        if len(chunk) < size:
-            return
-        if remaining is not None:
-            remaining -= len(chunk)
-        next_start = chunk[-1][0] + 1
+    """Like read_candles, but yields rows one by one, fetching `chunk_size` at a time (see iter_chunks)."""
+    return iter_chunks(
+        lambda start, size: read_candles(exchange_id, symbol, timeframe, start, end_ts, size),
+        start_ts,
+        limit,
+        chunk_size,
+    )
 
 
 def last_ts(exchange_id: str, symbol: str, timeframe: str) -> int | None:
@@ -553,7 +571,7 @@ def last_ts(exchange_id: str, symbol: str, timeframe: str) -> int | None:
             _series_filter(exchange_id, symbol, timeframe), {"_id": 0, "ts": 1}, sort=[("ts", -1)]
         )
         return None if doc is None else doc["ts"]
-    return _sql_series(exchange_id, symbol, timeframe).order_by("-ts").values_list("ts", flat=True).first()
+    return sql_series(Candle, exchange_id, symbol, timeframe).order_by("-ts").values_list("ts", flat=True).first()
 
 
 def first_ts(exchange_id: str, symbol: str, timeframe: str) -> int | None:
@@ -563,7 +581,7 @@ def first_ts(exchange_id: str, symbol: str, timeframe: str) -> int | None:
             _series_filter(exchange_id, symbol, timeframe), {"_id": 0, "ts": 1}, sort=[("ts", 1)]
         )
         return None if doc is None else doc["ts"]
-    return _sql_series(exchange_id, symbol, timeframe).order_by("ts").values_list("ts", flat=True).first()
+    return sql_series(Candle, exchange_id, symbol, timeframe).order_by("ts").values_list("ts", flat=True).first()
 
 
 def coverage(
@@ -578,9 +596,9 @@ def coverage(
         bounds = _stored_bounds(exchange_id, symbol, timeframe, start_ts, end_ts)
         if bounds is None:
             return Coverage(None, None, 0)
-        query = _mongo_filter(exchange_id, symbol, timeframe, start_ts, end_ts)
+        query = mongo_filter(exchange_id, symbol, timeframe, start_ts, end_ts)
         return Coverage(*bounds, get_mongo_db()[CANDLES].count_documents(query))
-    stats = _sql_series(exchange_id, symbol, timeframe, start_ts, end_ts).aggregate(
+    stats = sql_series(Candle, exchange_id, symbol, timeframe, start_ts, end_ts).aggregate(
         first=Min("ts"), last=Max("ts"), count=Count("ts")
     )
     return Coverage(stats["first"], stats["last"], stats["count"])
@@ -728,7 +746,7 @@ def _stored_bounds(
 ) -> tuple[int, int] | None:
     """First and last stored ts within the bounds: two index lookups, unlike coverage() which counts."""
     if uses_mongo():
-        query = _mongo_filter(exchange_id, symbol, timeframe, start_ts, end_ts)
+        query = mongo_filter(exchange_id, symbol, timeframe, start_ts, end_ts)
         collection = get_mongo_db()[CANDLES]
         first = collection.find_one(query, {"_id": 0, "ts": 1}, sort=[("ts", 1)])
         if first is None:
@@ -736,7 +754,9 @@ def _stored_bounds(
         last = collection.find_one(query, {"_id": 0, "ts": 1}, sort=[("ts", -1)])
         return first["ts"], last["ts"]
     # min() and max() alone let PostgreSQL answer each from one end of the index.
-    stats = _sql_series(exchange_id, symbol, timeframe, start_ts, end_ts).aggregate(first=Min("ts"), last=Max("ts"))
+    stats = sql_series(Candle, exchange_id, symbol, timeframe, start_ts, end_ts).aggregate(
+        first=Min("ts"), last=Max("ts")
+    )
     return None if stats["first"] is None else (stats["first"], stats["last"])
 
 
@@ -762,7 +782,7 @@ def _mongo_holes(
     exchange_id: str, symbol: str, timeframe: str, start_ts: int, end_ts: int, step: int
 ) -> list[tuple[int, int]]:
     pipeline = [
-        {"$match": _mongo_filter(exchange_id, symbol, timeframe, start_ts, end_ts)},
+        {"$match": mongo_filter(exchange_id, symbol, timeframe, start_ts, end_ts)},
         {"$project": {"_id": 0, "ts": 1}},
         {"$setWindowFields": {"sortBy": {"ts": 1}, "output": {"prev": {"$shift": {"output": "$ts", "by": -1}}}}},
         {"$match": {"$expr": {"$gte": [{"$subtract": ["$ts", "$prev"]}, 2 * step]}}},
@@ -781,7 +801,7 @@ def _mongo_holes(
 def _mongo_ts_stream(exchange_id: str, symbol: str, timeframe: str, start_ts: int, end_ts: int) -> Iterator[int]:
     cursor = (
         get_mongo_db()[CANDLES]
-        .find(_mongo_filter(exchange_id, symbol, timeframe, start_ts, end_ts), {"_id": 0, "ts": 1})
+        .find(mongo_filter(exchange_id, symbol, timeframe, start_ts, end_ts), {"_id": 0, "ts": 1})
         .sort("ts", 1)
         .batch_size(ITER_CHUNK)
     )
