@@ -33,15 +33,20 @@ def store_unavailable(error: Exception) -> Response:
     return Response({"detail": "The candle store (MongoDB) is unavailable; retry later."}, status=503)
 
 
-@extend_schema(
-    parameters=[
-        SeriesQuerySerializer,
-        OpenApiParameter("format", OpenApiTypes.STR, enum=["json", "csv"], description="csv streams every row."),
-    ],
-    responses={(200, "application/json"): OpenApiTypes.OBJECT, (200, "text/csv"): OpenApiTypes.STR},
-)
-@api_view(["GET"])
-@renderer_classes([JSONRenderer, BrowsableAPIRenderer, CSVRenderer])
+def series_endpoint(view):
+    """A GET endpoint over one stored series: JSON pages, the browsable API, or streamed CSV."""
+    view = renderer_classes([JSONRenderer, BrowsableAPIRenderer, CSVRenderer])(view)
+    view = api_view(["GET"])(view)
+    return extend_schema(
+        parameters=[
+            SeriesQuerySerializer,
+            OpenApiParameter("format", OpenApiTypes.STR, enum=["json", "csv"], description="csv streams every row."),
+        ],
+        responses={(200, "application/json"): OpenApiTypes.OBJECT, (200, "text/csv"): OpenApiTypes.STR},
+    )(view)
+
+
+@series_endpoint
 def ohlcv(request: Request) -> Response | StreamingHttpResponse:
     """Stored candles of one series, oldest first, bounds inclusive.
 
@@ -73,15 +78,7 @@ def ohlcv(request: Request) -> Response | StreamingHttpResponse:
     return Response(cursor_page(request, params, [candle_dict(row) for row in rows], limit))
 
 
-@extend_schema(
-    parameters=[
-        SeriesQuerySerializer,
-        OpenApiParameter("format", OpenApiTypes.STR, enum=["json", "csv"], description="csv streams every row."),
-    ],
-    responses={(200, "application/json"): OpenApiTypes.OBJECT, (200, "text/csv"): OpenApiTypes.STR},
-)
-@api_view(["GET"])
-@renderer_classes([JSONRenderer, BrowsableAPIRenderer, CSVRenderer])
+@series_endpoint
 def indicators(request: Request) -> Response | StreamingHttpResponse:
     """Stored indicators of one series, one row per candle, oldest first, bounds inclusive.
 
