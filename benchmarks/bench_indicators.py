@@ -31,35 +31,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from benchmarks.scratch import DEFAULT_DATABASE_URL, scratch_database
+
 TOTAL = int(os.environ.get("BENCH_INDICATOR_CANDLES", "500000"))
 RUNS = int(os.environ.get("BENCH_INDICATOR_RUNS", "9"))
 UPDATE = 1_000
 T0 = 1_577_836_800_000  # 2020-01-01 00:00 UTC
 MINUTE = 60_000
 SERIES = ("binance", "BTC/USDT", "1m")
-DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/datacollector"
-
-
-@contextmanager
-def scratch_postgres() -> Iterator[str]:
-    """A new database next to DATABASE_URL's, dropped on exit; yields its name."""
-    import environ
-    import psycopg
-
-    config = environ.Env.db_url_config(os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL))
-    if "postgresql" not in config["ENGINE"]:
-        raise SystemExit("bench_indicators needs DATABASE_URL to point at PostgreSQL.")
-    name = f"bench_indicators_{os.getpid()}"
-    admin = {"host": config["HOST"] or "127.0.0.1", "port": config["PORT"] or 5432, "user": config["USER"]}
-    if config.get("PASSWORD"):
-        admin["password"] = config["PASSWORD"]
-    with psycopg.connect(dbname="postgres", autocommit=True, **admin) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield name
-    finally:
-        with psycopg.connect(dbname="postgres", autocommit=True, **admin) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextmanager
@@ -186,25 +165,11 @@ def main() -> None:
     import django
 
     django.setup()
-    from django.conf import settings
-    from django.core.management import call_command
-    from django.db import connection
 
     print(f"machine: {os.cpu_count()} CPUs, shared with other work; load average {os.getloadavg()[0]:.1f}")
-    with scratch_postgres() as name:
-        original_name = connection.settings_dict["NAME"]
-        mongodb_uri = settings.MONGODB_URI
-        connection.close()
-        connection.settings_dict["NAME"] = name
-        settings.MONGODB_URI = ""  # the embedded store, whatever the environment says
-        try:
-            call_command("migrate", "marketdata", verbosity=0)
-            print(f"embedded store on PostgreSQL ({TOTAL:,} 1m candles, scratch database {name}):", flush=True)
-            run()
-        finally:
-            connection.close()
-            connection.settings_dict["NAME"] = original_name
-            settings.MONGODB_URI = mongodb_uri
+    with scratch_database("indicators") as name:
+        print(f"embedded store on PostgreSQL ({TOTAL:,} 1m candles, scratch database {name}):", flush=True)
+        run()
 
 
 if __name__ == "__main__":

@@ -19,15 +19,15 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
+
+from benchmarks.scratch import DEFAULT_DATABASE_URL, scratch_database
 
 TOTAL = int(os.environ.get("BENCH_INGEST_CANDLES", "1000000"))
 PAGE = 1_000  # Binance's klines page size: the unit collection parses and upserts.
 T0 = 1_577_836_800_000  # 2020-01-01 00:00 UTC
 MINUTE = 60_000
 SERIES = ("binance", "BTC/USDT", "1m")
-DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/datacollector"
 
 
 def kline_pages(total: int, revision: float = 0.0) -> Iterator[bytes]:
@@ -103,28 +103,6 @@ def run_passes(server_cpu: Callable[[], float | None]) -> None:
     run_pass("revise (all updated)", revised, server_cpu)
 
 
-@contextmanager
-def scratch_postgres() -> Iterator[str]:
-    """A new database next to DATABASE_URL's, dropped on exit; yields its name."""
-    import environ
-    import psycopg
-
-    config = environ.Env.db_url_config(os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL))
-    if "postgresql" not in config["ENGINE"]:
-        raise SystemExit("bench_ingest needs DATABASE_URL to point at PostgreSQL.")
-    name = f"bench_ingest_{os.getpid()}"
-    admin = {"host": config["HOST"] or "127.0.0.1", "port": config["PORT"] or 5432, "user": config["USER"]}
-    if config.get("PASSWORD"):
-        admin["password"] = config["PASSWORD"]
-    with psycopg.connect(dbname="postgres", autocommit=True, **admin) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield name
-    finally:
-        with psycopg.connect(dbname="postgres", autocommit=True, **admin) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def setup_django() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "datacollector.settings")
     os.environ.setdefault("DATABASE_URL", DEFAULT_DATABASE_URL)
@@ -135,31 +113,18 @@ def setup_django() -> None:
 
 
 def bench_postgres() -> None:
-    from django.conf import settings
-    from django.core.management import call_command
     from django.db import connection
 
-    with scratch_postgres() as name:
-        original_name = connection.settings_dict["NAME"]
-        mongodb_uri = settings.MONGODB_URI
-        connection.close()
-        connection.settings_dict["NAME"] = name
-        settings.MONGODB_URI = ""  # the embedded store, whatever the environment says
-        try:
-            call_command("migrate", "marketdata", verbosity=0)
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_backend_pid()")
-                [pid] = cursor.fetchone()
-            print(f"embedded store on PostgreSQL ({TOTAL:,} candles, scratch database {name}):", flush=True)
-            run_passes(lambda: postgres_backend_cpu(pid))
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_total_relation_size('marketdata_candle')")
-                [size] = cursor.fetchone()
-            print(f"  table + indexes: {size / 2**20:,.0f} MiB ({size / TOTAL:.0f} bytes per candle)", flush=True)
-        finally:
-            connection.close()
-            connection.settings_dict["NAME"] = original_name
-            settings.MONGODB_URI = mongodb_uri
+    with scratch_database("ingest") as name:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            [pid] = cursor.fetchone()
+        print(f"embedded store on PostgreSQL ({TOTAL:,} candles, scratch database {name}):", flush=True)
+        run_passes(lambda: postgres_backend_cpu(pid))
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_total_relation_size('marketdata_candle')")
+            [size] = cursor.fetchone()
+        print(f"  table + indexes: {size / 2**20:,.0f} MiB ({size / TOTAL:.0f} bytes per candle)", flush=True)
 
 
 def bench_mongo() -> None:

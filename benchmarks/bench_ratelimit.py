@@ -6,7 +6,7 @@ bucket and compares the weight granted with the budget (capacity + refill x time
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/dc_sched_bench SECRET_KEY=x .venv/bin/python -m benchmarks ratelimit
 
-The database named in DATABASE_URL is created, migrated and dropped by the benchmark.
+A scratch database beside DATABASE_URL's (<name>_bench_ratelimit) is created, migrated and dropped.
 """
 
 import json
@@ -15,7 +15,8 @@ import statistics
 import sys
 import time
 
-from benchmarks.bench_scheduler import run_children, scratch_database, wait_for_go
+from benchmarks.bench_scheduler import run_children, wait_for_go
+from benchmarks.scratch import scratch_database
 
 PROCESS_COUNTS = (1, 4, 8)
 SECONDS = 4.0
@@ -64,7 +65,7 @@ def _percentile(values: list[float], fraction: float) -> float:
 
 
 def main() -> None:
-    with scratch_database():
+    with scratch_database("ratelimit"):
         print(f"acquire_token on one row, every call granted, {SECONDS:.0f}s per configuration")
         print(f"{'procs':>5} {'grants/s':>9} {'p50 ms':>7} {'p99 ms':>7}")
         for processes in PROCESS_COUNTS:

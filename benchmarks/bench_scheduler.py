@@ -6,18 +6,18 @@ own overhead per job. Jobs are all due; every process works for a fixed time (or
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/dc_sched_bench SECRET_KEY=x .venv/bin/python -m benchmarks scheduler
 
-The database named in DATABASE_URL is created, migrated and dropped by the benchmark.
+A scratch database beside DATABASE_URL's (<name>_bench_scheduler) is created, migrated and dropped.
 """
 
-import contextlib
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
+
+from benchmarks.scratch import scratch_database
 
 JOB_COUNTS = (10_000, 100_000)
 PROCESS_COUNTS = (1, 2, 4)
@@ -25,54 +25,6 @@ SECONDS = 5.0
 REPEATS = 2
 BATCH_SIZE = 10
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _database_url() -> str:
-    url = os.environ.get("DATABASE_URL", "")
-    if not url.startswith("postgres"):
-        raise SystemExit("set DATABASE_URL=postgres://.../<scratch database name>: the benchmark needs PostgreSQL")
-    return url
-
-
-def _admin_connection():
-    import environ
-    import psycopg
-
-    config = environ.Env.db_url_config(_database_url())
-    connection = psycopg.connect(
-        host=config["HOST"] or "127.0.0.1",
-        port=config["PORT"] or 5432,
-        user=config["USER"] or "postgres",
-        password=config["PASSWORD"] or None,
-        dbname="postgres",
-        autocommit=True,
-    )
-    return connection, config["NAME"]
-
-
-@contextlib.contextmanager
-def scratch_database() -> Iterator[None]:
-    """Create the DATABASE_URL database afresh, set Django up on it, migrate; drop it afterwards."""
-    import django
-
-    admin, name = _admin_connection()
-    with admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.execute(f'CREATE DATABASE "{name}"')
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "datacollector.settings")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
-    django.setup()
-    from django.core.management import call_command
-    from django.db import connections
-
-    call_command("migrate", verbosity=0, interactive=False)
-    try:
-        yield
-    finally:
-        connections.close_all()
-        admin, name = _admin_connection()
-        with admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def run_children(
@@ -216,7 +168,7 @@ def explain_claim() -> str:
 
 
 def main() -> None:
-    with scratch_database():
+    with scratch_database("scheduler"):
         print(f"claim+release with a no-op collector, batch {BATCH_SIZE}, {SECONDS:.0f}s per configuration")
         print(f"each configuration runs {REPEATS} times (the machine is shared: compare the best)")
         print(f"{'jobs':>8} {'procs':>5} {'jobs/s':>16} {'ms/job/proc (best)':>19}")
