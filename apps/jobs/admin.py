@@ -72,28 +72,6 @@ class JobAdmin(admin.ModelAdmin):
     date_hierarchy = "created_at"
     actions = ["pause_jobs", "resume_jobs", "run_jobs_now"]
     inlines = [RecentRunInline]
-    fieldsets = [
-        (None, {"fields": ["connector", "symbol", "timeframe", "status", "since"]}),
-        (
-            "State (kept by the scheduler)",
-            {
-                "fields": [
-                    "collected_until",
-                    "cursor",
-                    "next_run_at",
-                    "lease_owner",
-                    "lease_expires_at",
-                    "last_run_at",
-                    "last_success_at",
-                    "consecutive_failures",
-                    "last_error",
-                    "runs_link",
-                    "created_at",
-                    "updated_at",
-                ]
-            },
-        ),
-    ]
     state_fields = [
         "collected_until",
         "cursor",
@@ -107,6 +85,10 @@ class JobAdmin(admin.ModelAdmin):
         "runs_link",
         "created_at",
         "updated_at",
+    ]
+    fieldsets = [
+        (None, {"fields": ["connector", "symbol", "timeframe", "status", "since"]}),
+        ("State (kept by the scheduler)", {"fields": state_fields}),
     ]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Job | None = None) -> list[str]:
