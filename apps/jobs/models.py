@@ -238,6 +238,8 @@ class Job(models.Model):
                 validate_timeframe(self.timeframe, self.connector.exchange_id)
             except ValidationError as exc:
                 errors["timeframe"] = exc.messages[0]
+        if self.since is not None and self.since > timezone.now():
+            errors["since"] = "since must not be in the future: it is where the history to collect starts."
         if self.pk is not None:
             original = Job.objects.filter(pk=self.pk).values("connector", "symbol", "timeframe").first()
             for field in SERIES_FIELDS if original else ():

@@ -2,7 +2,6 @@ from datetime import UTC, datetime
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, transaction
-from django.utils import timezone
 from django.utils.dateparse import parse_date
 from rest_framework import serializers
 from rest_framework.reverse import reverse
@@ -31,7 +30,6 @@ class SinceField(serializers.DateTimeField):
             "or epoch milliseconds (e.g. 1704067200000)."
         ),
         "seconds": "since {value} looks like epoch seconds; send epoch milliseconds ({value}000).",
-        "future": "since must not be in the future.",
     }
 
     def to_internal_value(self, value: object) -> datetime:
@@ -49,8 +47,6 @@ class SinceField(serializers.DateTimeField):
             result = datetime(day.year, day.month, day.day, tzinfo=UTC)
         else:
             result = super().to_internal_value(value)
-        if result > timezone.now():
-            self.fail("future")
         return result
 
 

@@ -79,6 +79,26 @@ def test_job_add_form_shows_errors_for_a_bad_symbol_and_timeframe(admin_client, 
     assert not Job.objects.exists()
 
 
+def test_job_add_form_refuses_a_history_start_in_the_future(admin_client, binance) -> None:
+    response = admin_client.post(
+        reverse("admin:jobs_job_add"),
+        {
+            "connector": binance.pk,
+            "symbol": "BTC/USDT",
+            "timeframe": "1m",
+            "status": "active",
+            "since_0": "2999-01-01",
+            "since_1": "00:00:00",
+            "runs-TOTAL_FORMS": "0",
+            "runs-INITIAL_FORMS": "0",
+        },
+    )
+
+    assert response.status_code == 200
+    assert "since must not be in the future" in " ".join(response.context["adminform"].form.errors["since"])
+    assert not Job.objects.exists()
+
+
 def test_job_add_form_reports_a_duplicate_series(admin_client, job, simulated) -> None:
     response = admin_client.post(
         reverse("admin:jobs_job_add"),
