@@ -71,7 +71,7 @@ def wait_for_go() -> float:
 
 
 def _noop_collector(job, run, heartbeat):
-    from apps.jobs.models import CollectResult
+    from apps.jobs.collect import CollectResult
 
     heartbeat()
     return CollectResult()

@@ -1,7 +1,6 @@
 import random
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from django.core.exceptions import ValidationError
@@ -62,18 +61,6 @@ class LeaseLost(Exception):
         )
         self.job_id = job_id
         self.worker = worker
-
-
-@dataclass
-class CollectResult:
-    """What collecting one job did. The scheduler accepts any object with these attributes."""
-
-    candles_fetched: int = 0
-    candles_written: int = 0
-    requests: int = 0
-    rate_limit_wait: float = 0.0
-    # True when the collector stopped early with more history to fetch: run again at once.
-    more: bool = False
 
 
 def next_candle_close(timeframe: str, now: datetime) -> datetime:

@@ -13,7 +13,8 @@ from django.conf import settings
 from django.db import connection
 
 from apps.connectors.exchanges import PermanentExchangeError, TransientExchangeError
-from apps.jobs.models import CollectResult, Job, Run
+from apps.jobs.collect import CollectResult
+from apps.jobs.models import Job, Run
 
 # A blocking stand-in gives up after this long, so a broken test can never hang a process forever.
 BLOCK_LIMIT_SECONDS = 30.0
