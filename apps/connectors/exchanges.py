@@ -236,7 +236,9 @@ class _Guard:
     def _attempt(self, weight: int, send: Callable[[], T], headers: Callable[[], Any], policy: RetryPolicy) -> T:
         from apps.ratelimits.models import RateLimit, RateLimitTimeout
 
-        self._check_circuit()
+        # Whether the breaker has anything to reset after a success, read by the same query that checks it:
+        # most requests then need no write at all (a success used to cost an UPDATE round trip each time).
+        failures_recorded = self._check_circuit()
         try:
             self.stats.rate_limit_wait += RateLimit.objects.acquire(
                 self.exchange_id, weight, policy.acquire_timeout_seconds
@@ -273,26 +275,34 @@ class _Guard:
                 raise TransientExchangeError(str(error), retry_after) from exc
             raise error from exc
         self._observe(headers())
-        RateLimit.objects.record_success(self.exchange_id)
+        if failures_recorded:
+            # A failure another worker records between our check and here is reset by the next success
+            # that sees it: the count is of consecutive failures, and this success was one.
+            RateLimit.objects.record_success(self.exchange_id)
         return result
 
-    def _check_circuit(self) -> None:
+    def _check_circuit(self) -> bool:
+        """Raise while the exchange's circuit is open; else whether failures are recorded against it."""
         from django.utils import timezone
 
         from apps.ratelimits.models import RateLimit
 
         now = timezone.now()
-        open_until = (
-            RateLimit.objects.filter(exchange_id=self.exchange_id, circuit_open_until__gt=now)
-            .values_list("circuit_open_until", flat=True)
+        state = (
+            RateLimit.objects.filter(exchange_id=self.exchange_id)
+            .values_list("circuit_failures", "circuit_open_until")
             .first()
         )
-        if open_until is not None:
+        if state is None:  # no bucket yet: acquire creates it, with nothing recorded
+            return False
+        failures, open_until = state
+        if open_until is not None and open_until > now:
             seconds = (open_until - now).total_seconds()
             raise TransientExchangeError(
                 f"{self.exchange_id}: circuit open after repeated failures; no requests for {seconds:.0f}s more",
                 seconds,
             )
+        return bool(failures) or open_until is not None
 
     def _observe(self, headers: Any) -> None:
         if not headers or not self.weight_limit_per_minute:
