@@ -17,15 +17,20 @@ How exchange quirks are handled:
   Nothing is ever interpolated.
 """
 
+import collections
+import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
+from django.db import connections
 from django.db.models import Q
 
 from apps.connectors.exchanges import ExchangeClient, get_client, timeframe_ms
@@ -123,6 +128,107 @@ def clean_rows(raw: Sequence[Any], start: int, end: int) -> tuple[list[list[floa
     return [by_ts[ts] for ts in sorted(by_ts)], dropped
 
 
+class _Inline:
+    """A page request sent when its result is asked for: sequential collection."""
+
+    def __init__(self, fetch: Callable[[], list]) -> None:
+        self._fetch = fetch
+
+    def result(self) -> list:
+        return self._fetch()
+
+
+@dataclasses.dataclass
+class _Request:
+    since: int
+    limit: int
+    future: "Future[list] | _Inline"
+
+
+class _Fetcher:
+    """Sends a collection's page requests: inline, or (prefetching) from `depth` helper threads.
+
+    Each helper has its own client (ccxt instances are not shared between threads) and its own database
+    connection for the shared rate limit and circuit breaker, so every request still takes its weight from
+    the shared bucket first. With a depth above 1, the pages after the next are guessed, assuming each
+    page comes back full (the rule while a history is paged); a guess is used only when it asks exactly
+    what the sequential paging asks next, else it is dropped (its weight was spent for nothing).
+    """
+
+    def __init__(self, job: Job, client: ExchangeClient, step: int, page_limit: int, depth: int) -> None:
+        self.job = job
+        self.client = client
+        self.step = step
+        self.page_limit = page_limit
+        self.depth = depth
+        # Each client used, with its counters when this run started using it.
+        self.clients: list[tuple[ExchangeClient, Any]] = [(client, client.stats.snapshot())]
+        self.guesses_dropped = 0
+        self._pool = ThreadPoolExecutor(depth, thread_name_prefix="prefetch") if depth > 0 else None
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._pending: collections.deque[_Request] = collections.deque()
+
+    def request(self, since: int, limit: int, end: int) -> "_Request":
+        """The request of the page at `since`: sent now, or a guess already on its way."""
+        if self._pool is None:
+            return _Request(since, limit, _Inline(functools.partial(self._fetch, self.client, since, limit)))
+        if self._pending and (self._pending[0].since, self._pending[0].limit) != (since, limit):
+            # The paging went elsewhere (a short or empty page, a hole): every guess after it is off too.
+            self.guesses_dropped += len(self._pending)
+            self._pending.clear()
+        request = self._pending.popleft() if self._pending else self._submit(since, limit)
+        guess = self._pending[-1] if self._pending else request
+        while len(self._pending) < self.depth - 1:
+            # Where the page after `guess` starts if `guess` comes back full (exchanges answer from the
+            # first open time at or after `since`).
+            next_since = -(-guess.since // self.step) * self.step + guess.limit * self.step
+            if next_since > end:
+                break
+            guess = self._submit(next_since, max(1, min(self.page_limit, (end - next_since) // self.step + 2)))
+            self._pending.append(guess)
+        return request
+
+    def _submit(self, since: int, limit: int) -> "_Request":
+        assert self._pool is not None
+        return _Request(since, limit, self._pool.submit(self._fetch_in_helper, since, limit))
+
+    def _fetch(self, client: ExchangeClient, since: int, limit: int) -> list:
+        return client.fetch_ohlcv(self.job.symbol, self.job.timeframe, since, limit)
+
+    def _fetch_in_helper(self, since: int, limit: int) -> list:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            with self._lock:
+                client = get_client(self.job.connector)
+                self.clients.append((client, client.stats.snapshot()))
+                # One helper at a time loads the markets: the first puts them in the process' cache for
+                # the others (Binance's exchangeInfo weighs 20), instead of each loading them at once.
+                client.markets()
+            self._local.client = client
+        return self._fetch(client, since, limit)
+
+    def close(self) -> None:
+        """Wait for the requests still on their way, then close each helper's database connection."""
+        if self._pool is None:
+            return
+        self.guesses_dropped += len(self._pending)
+        self._pending.clear()
+        # One task per helper thread: each waits at the barrier until all run, so no thread runs two.
+        barrier = threading.Barrier(self.depth)
+
+        def close_connections() -> None:
+            barrier.wait(timeout=600)
+            connections.close_all()
+
+        tasks = [self._pool.submit(close_connections) for _ in range(self.depth)]
+        for task in tasks:
+            with contextlib.suppress(Exception):
+                task.result()
+        self._pool.shutdown()
+        self._pool = None
+
+
 class _Collection:
     """The state of one run of one job; `collect_job()` is its only user."""
 
@@ -135,6 +241,7 @@ class _Collection:
         progress: Progress | None,
         stop: threading.Event | None,
         max_pages: int | None,
+        prefetch: int = 0,
     ) -> None:
         self.job = job
         self.max_pages = max_pages
@@ -152,14 +259,14 @@ class _Collection:
         self.skipped_from: int | None = None
         # Set when the exchange answered with later candles only: nothing exists up to this open time.
         self.nothing_before: int | None = None
-        self._stats_before = client.stats.snapshot()
+        self.fetcher = _Fetcher(job, client, self.step, self.page_limit, prefetch)
         self._run_saved_at = time.monotonic()
 
     def refresh_counters(self) -> None:
-        stats, before = self.client.stats, self._stats_before
-        self.result.requests = stats.requests - before.requests
-        self.result.rate_limit_wait = stats.rate_limit_wait - before.rate_limit_wait
-        self.result.rate_limited = stats.rate_limited - before.rate_limited
+        clients = list(self.fetcher.clients)
+        self.result.requests = sum(c.stats.requests - before.requests for c, before in clients)
+        self.result.rate_limit_wait = sum(c.stats.rate_limit_wait - before.rate_limit_wait for c, before in clients)
+        self.result.rate_limited = sum(c.stats.rate_limited - before.rate_limited for c, before in clients)
 
     def _after_page(self) -> None:
         self.refresh_counters()
@@ -190,44 +297,55 @@ class _Collection:
             self.result.last_ts = last if self.result.last_ts is None else max(self.result.last_ts, last)
         return len(rows)
 
+    def _request(self, since: int, end: int) -> "_Request | None":
+        """Start fetching the page at `since` (in the helper thread when prefetching), or None when the
+        range is done, a stop was requested or the run's page budget is spent."""
+        if since > end:
+            return None
+        if self.stop is not None and self.stop.is_set():
+            self.result.stopped = True
+            return None
+        if self.max_pages is not None and self.result.pages >= self.max_pages:
+            self.result.more = True
+            return None
+        # One slot more than the range holds, so a page reaching `end` is recognisably complete.
+        limit = max(1, min(self.page_limit, (end - since) // self.step + 2))
+        return self.fetcher.request(since, limit, end)
+
     def page_range(self, start: int, end: int, move_cursor: bool) -> int:
-        """Fetch every candle opening in [start, end]; returns how many were received and stored."""
-        symbol, timeframe = self.job.symbol, self.job.timeframe
-        since = start
+        """Fetch every candle opening in [start, end]; returns how many were received and stored.
+
+        Where the next page starts depends only on the page received, so it is requested (when
+        prefetching) before this page is written: the request's latency and the store's writes overlap,
+        and the cursor still moves page by page, in order.
+        """
         empty_tries = 0
         stored = 0
-        while since <= end:
+        request = self._request(start, end)
+        while request is not None:
             if self.stop is not None and self.stop.is_set():
+                # A page already on its way is dropped: the cursor says where the next run starts.
                 self.result.stopped = True
                 break
-            if self.max_pages is not None and self.result.pages >= self.max_pages:
-                self.result.more = True
-                break
-            # One slot more than the range holds, so a page reaching `end` is recognisably complete.
-            limit = max(1, min(self.page_limit, (end - since) // self.step + 2))
-            raw = self.client.fetch_ohlcv(symbol, timeframe, since, limit)
+            since, limit = request.since, request.limit
+            raw = request.future.result()
             self.result.pages += 1
             self.result.candles_fetched += len(raw)
             rows, dropped = clean_rows(raw, since, end)
             self.result.dropped += dropped
+            covered = 0  # slots passed over without candles, for the progress callback
             if rows:
                 empty_tries = 0
-                stored += self._write(rows)
-                last = rows[-1][0]
-                if move_cursor:
-                    self._save_cursor(last)
-                if self.progress is not None:
-                    self.progress((last + self.step - since) // self.step, len(rows))
-                since = last + self.step
+                next_since = rows[-1][0] + self.step
             else:
                 self.result.empty_pages += 1
+                next_since = since
                 if any(_ts(row) is not None and _ts(row) > end for row in raw):
                     self.nothing_before = end
                     # The exchange answered with candles after the range only: there is nothing in it
                     # (a hole, or before the listing). Whatever lies between is a gap, if anything.
-                    if self.progress is not None:
-                        self.progress((end + self.step - since) // self.step, 0)
-                    since = end + 1
+                    covered = (end + self.step - since) // self.step
+                    next_since = end + 1
                 elif empty_tries < EMPTY_PAGE_RETRIES:
                     # Before "now" an empty page is never the end of the data: ask again.
                     empty_tries += 1
@@ -235,10 +353,18 @@ class _Collection:
                     # Still empty: look further ahead, leaving the cursor behind (see the module doc).
                     empty_tries = 0
                     self.skipped_from = since if self.skipped_from is None else min(self.skipped_from, since)
-                    skipped = min(limit, (end - since) // self.step + 1)
-                    if self.progress is not None:
-                        self.progress(skipped, 0)
-                    since += skipped * self.step
+                    covered = min(limit, (end - since) // self.step + 1)
+                    next_since = since + covered * self.step
+            request = self._request(next_since, end)
+            if rows:
+                stored += self._write(rows)
+                last = rows[-1][0]
+                if move_cursor:
+                    self._save_cursor(last)
+                if self.progress is not None:
+                    self.progress((last + self.step - since) // self.step, len(rows))
+            elif covered and self.progress is not None:
+                self.progress(covered, 0)
             self._after_page()
         return stored
 
@@ -275,6 +401,7 @@ def collect_job(
     progress: Progress | None = None,
     stop: threading.Event | None = None,
     max_pages: int | None = MAX_PAGES_PER_RUN,
+    prefetch: int = 0,
 ) -> CollectResult:
     """Collect `job` up to its exchange's last closed candle (or `until_ms`, exclusive); see the module doc.
 
@@ -282,11 +409,22 @@ def collect_job(
     (transient: retry later). Pages stored before an error stay stored and the cursor says so.
     `progress(slots, candles)` is called after each page; `stop`, once set, ends the run after the
     current page with `result.stopped`. After `max_pages` pages the run ends with `result.more`.
+    `prefetch` (pages requested ahead, from as many helper threads) overlaps the requests with the
+    writes: one asks each next page while the current one is written; more also guess the pages after
+    it (see `_Fetcher`). Helpers use their own database connections, so the job's rows must be
+    committed (backfill).
     """
+    client = get_client(job.connector)
+    collection = _Collection(job, run, client, heartbeat, progress, stop, max_pages, prefetch)
+    try:
+        return _collect(job, collection, client, until_ms)
+    finally:
+        collection.fetcher.close()
+
+
+def _collect(job: Job, collection: _Collection, client: ExchangeClient, until_ms: int | None) -> CollectResult:
     from apps.marketdata import gaps as gaps_module
 
-    client = get_client(job.connector)
-    collection = _Collection(job, run, client, heartbeat, progress, stop, max_pages)
     step = collection.step
     series = collection.series
 

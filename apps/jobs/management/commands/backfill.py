@@ -30,6 +30,10 @@ from datacollector.config import get_config
 
 # Passes over one job when the end of the range stayed empty or the exchange kept failing (collect_one).
 MAX_PASSES = 3
+# Pages each job requests ahead of the one being written (collect._Fetcher), each from its own helper
+# thread and database connection. One request at a time cannot use a budget: at 20 ms per request
+# a single series makes at most ~37 requests a second, and the last series of a backfill runs alone.
+PREFETCH_PAGES = int(os.environ.get("BACKFILL_PREFETCH_PAGES", "2"))
 
 DATE_HELP = "ISO 8601 date or datetime in UTC (2024-01-01, 2024-01-01T12:00, 2024-01-01T12:00:00+02:00) or epoch ms"
 
@@ -226,7 +230,14 @@ class Command(BaseCommand):
                 cursor = job.cursor
                 try:
                     result = result + collect_job(
-                        job, run, heartbeat, until_ms=until_ms, progress=progress, stop=self.stopping, max_pages=None
+                        job,
+                        run,
+                        heartbeat,
+                        until_ms=until_ms,
+                        progress=progress,
+                        stop=self.stopping,
+                        max_pages=None,
+                        prefetch=PREFETCH_PAGES,
                     )
                 except LeaseLost as exc:
                     # The lease expired (this process stalled) and a scheduler worker took the job over.
