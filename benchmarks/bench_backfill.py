@@ -11,9 +11,10 @@ workers:
 - "budget": pages of 100 candles, so the run needs ~13,000 weight (over two minutes of budget) and the
   shared limiter is what paces it: this is where "share of the budget used" and "zero 429s" matter.
 
-Figures: candles/s, weight used and its share of the budget over the run's minutes, the heaviest
-clock minute, 429/418 answers, resident memory at 25/50/75/100% of the run (flat = no growth with
-the range). Nothing is asserted.
+Figures: candles/s, weight used and its share of the server's budget (6,000/min) over the whole run and
+over the part of it while every worker had a series to collect (with more workers than series left, the
+last series run alone: one cursor per series), the weight of each whole clock minute, 429/418 answers,
+resident memory at 25/50/75/100% of the run (flat = no growth with the range). Nothing is asserted.
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/dc_bench SECRET_KEY=x .venv/bin/python -m benchmarks backfill
 
@@ -26,6 +27,7 @@ import collections
 import contextlib
 import dataclasses
 import io
+import math
 import multiprocessing
 import os
 import threading
@@ -130,10 +132,11 @@ def _serve_fake(control, kwargs: dict) -> None:
         if command == "reset":
             fake.counts.clear()
             fake.weight_per_minute.clear()
+            fake.weight_per_second.clear()
             fake.klines_requests.clear()
             control.send(None)
         elif command == "stats":
-            control.send((dict(fake.counts), dict(fake.weight_per_minute)))
+            control.send((dict(fake.counts), dict(fake.weight_per_minute), dict(fake.weight_per_second)))
         else:  # "stop"
             fake.stop()
             control.send(None)
@@ -151,6 +154,7 @@ class RemoteFake:
         self.url: str = self._control.recv()
         self.counts: dict[str, int] = {}
         self.weight_per_minute: dict[int, int] = {}
+        self.weight_per_second: dict[int, int] = {}
 
     def ccxt_options(self, **extra: object) -> dict:
         api = f"{self.url}/api/v3"
@@ -162,9 +166,10 @@ class RemoteFake:
 
     def refresh(self) -> None:
         self._control.send("stats")
-        counts, per_minute = self._control.recv()
+        counts, per_minute, per_second = self._control.recv()
         self.counts = collections.Counter(counts)
         self.weight_per_minute = per_minute
+        self.weight_per_second = per_second
 
     def stop(self) -> None:
         with contextlib.suppress(OSError, EOFError):
@@ -189,6 +194,24 @@ def reset() -> None:
     exchanges.clear_clients()
 
 
+def all_busy_share(fake: RemoteFake, started: float, workers: int) -> tuple[float, float]:
+    """(share of the server's budget used, seconds) while every worker had a series to collect.
+
+    That lasts until fewer unfinished series than workers remain: the (series - workers + 1)-th
+    finished run (or the first, with fewer series than workers). Whole wall-clock seconds only.
+    """
+    from apps.jobs.models import Run
+
+    finished = sorted(Run.objects.values_list("finished_at", flat=True))
+    index = max(0, len(finished) - workers)
+    end = finished[index].timestamp()
+    seconds = range(math.ceil(started), math.floor(end))
+    if len(seconds) < 2:
+        return float("nan"), 0.0
+    used = sum(fake.weight_per_second.get(second, 0) for second in seconds)
+    return used / (SERVER_LIMIT * len(seconds) / 60), float(len(seconds))
+
+
 def run_once(fake, symbols: list[str], since_ms: int, workers: int) -> dict:
     from django.core.management import call_command
 
@@ -205,7 +228,7 @@ def run_once(fake, symbols: list[str], since_ms: int, workers: int) -> dict:
     fake.reset()
     out = io.StringIO()
     with MemorySampler() as memory:
-        started = time.monotonic()
+        started, started_wall = time.monotonic(), time.time()
         call_command(
             "backfill", "--exchange", "binance", "--symbol", ",".join(symbols), "--timeframe", "1m",
             "--since", str(since_ms), "--workers", str(workers), stdout=out, verbosity=0,
@@ -218,6 +241,7 @@ def run_once(fake, symbols: list[str], since_ms: int, workers: int) -> dict:
     # Whole clock minutes inside the run say most about the pace the limiter keeps.
     windows = sorted(fake.weight_per_minute.items())
     full = [used for _, used in windows[1:-1]] or [used for _, used in windows]
+    busy_share, busy_seconds = all_busy_share(fake, started_wall, workers)
     return {
         "workers": workers,
         "seconds": elapsed,
@@ -226,6 +250,8 @@ def run_once(fake, symbols: list[str], since_ms: int, workers: int) -> dict:
         "requests": fake.counts["requests"],
         "weight": weight,
         "share": weight / budget,
+        "busy_share": busy_share,
+        "busy_seconds": busy_seconds,
         "full_minutes": full,
         "peak_minute": max(used for _, used in windows),
         "429": fake.counts["429"],
@@ -260,17 +286,18 @@ def main() -> None:
                 exchanges.PROFILES["binance"] = dataclasses.replace(original_profile, page_limit=page)
                 print(f"\n[{scenario}] pages of {page} candles, klines weight {original_profile.klines_weight}")
                 print(
-                    "workers  seconds  candles/s  requests  weight  budget share  full minutes (weight)  "
-                    "429  418  RSS MB at 25/50/75/100%"
+                    "workers  seconds  candles/s  requests  weight  share (whole run)  share (all workers busy)  "
+                    "full minutes (weight)  429  418  RSS MB at 25/50/75/100%"
                 )
                 for workers in worker_counts:
                     r = run_once(fake, symbols, since_ms, workers)
                     memory = "/".join(f"{mb:.0f}" for mb in r["memory"])
+                    busy = f"{r['busy_share']:.0%} over {r['busy_seconds']:.0f}s" if r["busy_seconds"] else "-"
                     minutes = ",".join(str(used) for used in r["full_minutes"][:6]) or "-"
                     print(
                         f"{r['workers']:>7}  {r['seconds']:>7.1f}  {r['rate']:>9,.0f}  {r['requests']:>8}  "
-                        f"{r['weight']:>6}  {r['share']:>11.0%}  {minutes:>21}  {r['429']:>3}  {r['418']:>3}  "
-                        f"{memory}",
+                        f"{r['weight']:>6}  {r['share']:>17.0%}  {busy:>24}  {minutes:>21}  "
+                        f"{r['429']:>3}  {r['418']:>3}  {memory}",
                         flush=True,
                     )
         finally:

@@ -99,6 +99,7 @@ class FakeBinance:
         self._banned_until = 0.0
         self.counts: Counter[str] = Counter()  # requests, 429, 418, injected faults, weight
         self.weight_per_minute: dict[int, int] = {}  # window number (wall clock // window) -> weight used
+        self.weight_per_second: dict[int, int] = {}  # int(wall clock) -> weight used (a benchmark's timeline)
         self.klines_requests: list[dict] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -234,6 +235,7 @@ class FakeBinance:
             self._used += weight
             self.counts["weight"] += weight
             self.weight_per_minute[minute] = self.weight_per_minute.get(minute, 0) + weight
+            self.weight_per_second[int(wall)] = self.weight_per_second.get(int(wall), 0) + weight
             to_next_minute = (minute + 1) * self.window_seconds - wall
             if wall < self._banned_until:
                 # Binance: ignoring a 429's Retry-After gets the IP banned (418), for longer each time.
