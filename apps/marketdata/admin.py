@@ -1,17 +1,42 @@
 from datetime import UTC, datetime
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import Count, Q, QuerySet, Sum
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
 
-from apps.marketdata import store
+from apps.connectors.exchanges import is_valid_timeframe_syntax
+from apps.marketdata import charts, store
 from apps.marketdata.models import Gap
 
 # No Candle admin on purpose: the changelist counts the table on every page and offers to order and
 # filter by unindexed columns, which on millions of rows is a denial of service. The series overview
 # below (one grouped pass over the unique index, on demand) is the operator's view of the candles.
+
+
+class SeriesChartForm(forms.Form):
+    exchange_id = forms.CharField(max_length=64)
+    symbol = forms.CharField(max_length=64)
+    timeframe = forms.CharField(max_length=8)
+    candles = forms.IntegerField(
+        min_value=charts.MIN_CANDLES,
+        max_value=charts.MAX_CANDLES,
+        required=False,
+        help_text=f"How many of the newest slots to draw ({charts.MIN_CANDLES} to {charts.MAX_CANDLES}).",
+    )
+
+    def clean_timeframe(self) -> str:
+        timeframe = self.cleaned_data["timeframe"]
+        if not is_valid_timeframe_syntax(timeframe):
+            raise forms.ValidationError(
+                "Not a timeframe: a positive number followed by s, m, h, d, w, M or y (1m, 4h)."
+            )
+        return timeframe
+
+    def clean_candles(self) -> int:
+        return self.cleaned_data["candles"] or 300
 
 
 def _time(ts: int | None) -> datetime | None:
@@ -70,7 +95,29 @@ class GapAdmin(admin.ModelAdmin):
 
     def get_urls(self) -> list[URLPattern]:
         overview = path("series/", self.admin_site.admin_view(self.series_overview), name="marketdata_series_overview")
-        return [overview, *super().get_urls()]
+        chart = path("series/chart/", self.admin_site.admin_view(self.series_chart), name="marketdata_series_chart")
+        return [overview, chart, *super().get_urls()]
+
+    def series_chart(self, request: HttpRequest) -> TemplateResponse:
+        """Candles, volume, indicator overlays and RSI of the newest slots of one series."""
+        form = SeriesChartForm(request.GET)
+        chart = None
+        if form.is_valid():
+            chart = charts.build_chart(
+                form.cleaned_data["exchange_id"],
+                form.cleaned_data["symbol"],
+                form.cleaned_data["timeframe"],
+                form.cleaned_data["candles"],
+            )
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": "Chart",
+            "form": form,
+            "chart": chart,
+            "sizes": (100, 300, 1000, charts.MAX_CANDLES),
+        }
+        return TemplateResponse(request, "admin/marketdata/series_chart.html", context)
 
     def series_overview(self, request: HttpRequest) -> TemplateResponse:
         """Every stored series with its coverage and gap totals (one pass over the candle index)."""
