@@ -20,7 +20,8 @@ resident memory at 25/50/75/100% of the run (flat = no growth with the range). N
 
 A scratch database `<name>_bench_backfill` is created and dropped. Environment knobs for a quick run:
 BENCH_BACKFILL_DAYS (default 90), BENCH_BACKFILL_SYMBOLS (5), BENCH_BACKFILL_WORKERS ("1,4"),
-BENCH_BACKFILL_SCENARIOS ("binance,budget"), BENCH_BACKFILL_LATENCY_MS (20).
+BENCH_BACKFILL_SCENARIOS ("binance,budget"), BENCH_BACKFILL_LATENCY_MS (20), BENCH_BACKFILL_PREFETCH
+(backfill --prefetch, 2; 0 is one request at a time per series).
 """
 
 import collections
@@ -212,7 +213,7 @@ def all_busy_share(fake: RemoteFake, started: float, workers: int) -> tuple[floa
     return used / (SERVER_LIMIT * len(seconds) / 60), float(len(seconds))
 
 
-def run_once(fake, symbols: list[str], since_ms: int, workers: int) -> dict:
+def run_once(fake, symbols: list[str], since_ms: int, workers: int, prefetch: int) -> dict:
     from django.core.management import call_command
 
     from apps.connectors.models import Connector
@@ -231,7 +232,7 @@ def run_once(fake, symbols: list[str], since_ms: int, workers: int) -> dict:
         started, started_wall = time.monotonic(), time.time()
         call_command(
             "backfill", "--exchange", "binance", "--symbol", ",".join(symbols), "--timeframe", "1m",
-            "--since", str(since_ms), "--workers", str(workers), stdout=out, verbosity=0,
+            "--since", str(since_ms), "--workers", str(workers), "--prefetch", str(prefetch), stdout=out, verbosity=0,
         )  # fmt: skip
         elapsed = time.monotonic() - started
     fake.refresh()
@@ -266,6 +267,7 @@ def main() -> None:
     worker_counts = [int(w) for w in _env_list("BENCH_BACKFILL_WORKERS", "1,4")]
     scenarios = _env_list("BENCH_BACKFILL_SCENARIOS", "binance,budget")
     latency = float(os.environ.get("BENCH_BACKFILL_LATENCY_MS", "20"))
+    prefetch = int(os.environ.get("BENCH_BACKFILL_PREFETCH", "2"))
     symbols = SYMBOLS[:symbol_count]
 
     with scratch_database():
@@ -278,7 +280,8 @@ def main() -> None:
         original_profile = exchanges.PROFILES["binance"]
         print(
             f"{len(symbols)} symbols x {days:g} days of 1m = {len(symbols) * int(days * DAY // MINUTE):,} candles; "
-            f"server: {latency:g} ms latency, {SERVER_LIMIT} weight per clock minute; bucket: 5,400/min + burst 300"
+            f"server: {latency:g} ms latency, {SERVER_LIMIT} weight per clock minute; bucket: 5,400/min + burst 300; "
+            f"--prefetch {prefetch}"
         )
         try:
             for scenario in scenarios:
@@ -290,7 +293,7 @@ def main() -> None:
                     "full minutes (weight)  429  418  RSS MB at 25/50/75/100%"
                 )
                 for workers in worker_counts:
-                    r = run_once(fake, symbols, since_ms, workers)
+                    r = run_once(fake, symbols, since_ms, workers, prefetch)
                     memory = "/".join(f"{mb:.0f}" for mb in r["memory"])
                     busy = f"{r['busy_share']:.0%} over {r['busy_seconds']:.0f}s" if r["busy_seconds"] else "-"
                     minutes = ",".join(str(used) for used in r["full_minutes"][:6]) or "-"

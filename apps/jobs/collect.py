@@ -4,6 +4,8 @@ The scheduler calls `collect_job()` for each claimed job; `manage.py backfill` c
 fetch (the client takes the request's weight from the shared rate limit first), keep only closed
 candles of the asked range, upsert them, advance `job.cursor` and commit it in one UPDATE, heartbeat.
 A crash therefore loses at most one page of work, and the next run continues after the cursor.
+Backfill prefetches (`prefetch`): the next pages' requests are already on their way, from helper
+threads, while a page is written; pages are still written and the cursor committed in order, one by one.
 
 How exchange quirks are handled:
 - A short page is not the end of the data: the next page starts after the last candle received, so the

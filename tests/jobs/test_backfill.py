@@ -79,6 +79,7 @@ def test_dates_are_iso_in_utc_or_epoch_milliseconds(value, expected):
         (["--since", "2999-01-01"], "is in the future"),
         (["--until", "2023-12-31"], "--until '2023-12-31' must be after --since '2024-01-01'"),
         (["--workers", "0"], "--workers must be at least 1"),
+        (["--prefetch", "-1"], "--prefetch must be 0 or more"),
     ],
 )
 def test_bad_arguments_are_refused_before_anything_is_fetched(simulated, args, message):

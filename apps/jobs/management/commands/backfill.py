@@ -30,10 +30,10 @@ from datacollector.config import get_config
 
 # Passes over one job when the end of the range stayed empty or the exchange kept failing (collect_one).
 MAX_PASSES = 3
-# Pages each job requests ahead of the one being written (collect._Fetcher), each from its own helper
-# thread and database connection. One request at a time cannot use a budget: at 20 ms per request
-# a single series makes at most ~37 requests a second, and the last series of a backfill runs alone.
-PREFETCH_PAGES = int(os.environ.get("BACKFILL_PREFETCH_PAGES", "2"))
+# Default pages each job requests ahead of the one being written (collect._Fetcher), each from its own
+# helper thread and database connection. One request at a time cannot use a budget: at 20 ms per
+# request a series makes at most ~37 requests a second, and the last series of a backfill runs alone.
+PREFETCH_PAGES = 2
 
 DATE_HELP = "ISO 8601 date or datetime in UTC (2024-01-01, 2024-01-01T12:00, 2024-01-01T12:00:00+02:00) or epoch ms"
 
@@ -80,6 +80,13 @@ class Command(BaseCommand):
         )
         parser.add_argument("--workers", type=int, default=1, help="Jobs collected concurrently (threads).")
         parser.add_argument(
+            "--prefetch",
+            type=int,
+            default=PREFETCH_PAGES,
+            help="Pages each job requests ahead while it writes the current one (a thread and a database "
+            f"connection each; 0: one request at a time). Default {PREFETCH_PAGES}.",
+        )
+        parser.add_argument(
             "--lease-seconds",
             type=float,
             default=None,
@@ -90,6 +97,7 @@ class Command(BaseCommand):
         self.stopping = threading.Event()
         connector, symbols, timeframes, since_ms, until_ms = self.validate(options)
         workers = options["workers"]
+        self.prefetch = options["prefetch"]
         lease_seconds = options["lease_seconds"] or get_config().scheduler.lease_seconds
         jobs = self.prepare_jobs(connector, symbols, timeframes, since_ms)
 
@@ -135,6 +143,8 @@ class Command(BaseCommand):
             )
         if options["workers"] < 1:
             raise CommandError(f"--workers must be at least 1, got {options['workers']}.")
+        if options["prefetch"] < 0:
+            raise CommandError(f"--prefetch must be 0 or more, got {options['prefetch']}.")
 
         since_ms = parse_when(options["since"], "--since")
         until_ms = parse_when(options["until"], "--until") if options["until"] else None
@@ -237,7 +247,7 @@ class Command(BaseCommand):
                         progress=progress,
                         stop=self.stopping,
                         max_pages=None,
-                        prefetch=PREFETCH_PAGES,
+                        prefetch=self.prefetch,
                     )
                 except LeaseLost as exc:
                     # The lease expired (this process stalled) and a scheduler worker took the job over.
