@@ -137,33 +137,6 @@ def test_next_pages_through_a_range_without_gaps_or_repeats(api_client, sql_stor
     assert seen == [T0 + i * MINUTE for i in range(23)]
 
 
-@pytest.mark.parametrize(
-    ("params", "field", "message"),
-    [
-        ({"exchange_id": None}, "exchange_id", "required"),
-        ({"symbol": None}, "symbol", "required"),
-        ({"timeframe": None}, "timeframe", "required"),
-        ({"exchange_id": "nosuchexchange"}, "exchange_id", "Unknown exchange"),
-        ({"timeframe": "1minute"}, "timeframe", "not well formed"),
-        ({"start": "yesterday"}, "start", "not a date"),
-        ({"start": "2024-01-02", "end": "2024-01-01"}, "start", "after end"),
-        ({"limit": "0"}, "limit", "greater than or equal to 1"),
-        ({"limit": "10001"}, "limit", "less than or equal to 10000"),
-    ],
-)
-def test_bad_parameters_are_a_400_naming_the_parameter(api_client, sql_store, params, field, message):
-    query = {**SERIES, **params}
-    response = api_client.get(URL, {key: value for key, value in query.items() if value is not None})
-
-    assert response.status_code == 400
-    assert list(response.json()) == [field]
-    assert message in " ".join(response.json()[field])
-
-
-def test_requires_authentication(anon_client, sql_store):
-    assert anon_client.get(URL, SERIES).status_code in (401, 403)
-
-
 def test_csv_streams_the_range_with_empty_cells_for_null(api_client, candle_store):
     store_series(30)
 
