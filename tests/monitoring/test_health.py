@@ -1,6 +1,11 @@
+import json
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
+from django.conf import settings
 from django.test import override_settings
 
 from apps.monitoring import views
@@ -43,17 +48,33 @@ def test_readiness_is_503_naming_mongodb_when_it_is_unreachable(client, db, monk
     assert body["checks"]["mongodb"]["status"] == "error"
 
 
-def test_readiness_is_503_naming_the_database_when_it_is_unreachable(client, db, monkeypatch) -> None:
-    # Breaking the shared test connection is not possible safely; the check's own failure path is what counts.
-    def unreachable() -> dict[str, str]:
-        return {"status": "error", "error": "OperationalError: connection refused"}
+def test_readiness_is_503_naming_the_database_when_it_is_unreachable() -> None:
+    # A separate process whose DATABASE_URL points at a closed port: the test's own connection stays intact.
+    probe = (
+        "import json; from django.test import Client; "
+        "r = Client().get('/health/ready', HTTP_HOST='127.0.0.1'); "
+        "print(r.status_code, json.dumps(r.json()))"
+    )
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"postgres://postgres@127.0.0.1:{closed_port()}/nowhere",
+        "MONGODB_URI": "",
+        "SECRET_KEY": "x",
+        "LOG_LEVEL": "CRITICAL",
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", probe],
+        cwd=settings.BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
-    monkeypatch.setattr(views, "_check_database", unreachable)
-
-    response = client.get("/health/ready")
-
-    assert response.status_code == 503
-    assert response.json()["failing"] == ["database"]
+    status, body = result.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert status == "503"
+    assert json.loads(body)["failing"] == ["database"]
+    assert "OperationalError" in json.loads(body)["checks"]["database"]["error"]
 
 
 @pytest.mark.parametrize("path", ["/health", "/health/ready"])
