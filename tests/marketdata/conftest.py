@@ -6,8 +6,12 @@ environment sets MONGODB_URI (in a throwaway database dropped afterwards). Use `
 `mongomock_store` or `mongodb_store` to pick one.
 """
 
+import json
 import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import mongomock_ng
 import pytest
@@ -54,3 +58,27 @@ BACKENDS = ["sql", "mongomock", *(["mongodb"] if os.environ.get("MONGODB_URI") e
 def candle_store(request) -> str:
     """The name of the backend the store functions now use; the test runs once per backend."""
     return request.getfixturevalue(f"{request.param}_store")
+
+
+def run_on_sqlite(script: str, database: Path, stdin: str | None = None) -> dict:
+    """Run `script` in a child process on a fresh SQLite file with the embedded store (the suite's own
+    database is PostgreSQL); returns the JSON object the script prints last."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{database}",
+        "MONGODB_URI": "",
+        "DEBUG": "1",
+        "DJANGO_SETTINGS_MODULE": "datacollector.settings",
+    }
+    child = subprocess.run(
+        [sys.executable, "-c", script],
+        input=stdin,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    return json.loads(child.stdout.strip().splitlines()[-1])

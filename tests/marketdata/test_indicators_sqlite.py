@@ -6,9 +6,6 @@ SQLite file.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +13,7 @@ import pytest
 
 from apps.marketdata.indicators import IndicatorSet
 from datacollector.config import IndicatorConfig
+from tests.marketdata.conftest import run_on_sqlite
 from tests.marketdata.test_indicators import errors, random_walk
 
 SCRIPT = """
@@ -58,26 +56,7 @@ print(json.dumps({"written": written, "rows": read_indicators(*series), "convert
 @pytest.mark.slow
 def test_incremental_updates_and_converted_rows_on_sqlite_equal_a_full_recompute(tmp_path: Path):
     close = random_walk(n=1_500, seed=17)
-    env = {
-        **os.environ,
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'indicators.sqlite3'}",
-        "MONGODB_URI": "",
-        "DEBUG": "1",
-        "DJANGO_SETTINGS_MODULE": "datacollector.settings",
-    }
-    child = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        input=json.dumps(close.tolist()),
-        env=env,
-        cwd=Path(__file__).resolve().parents[2],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert child.returncode == 0, child.stderr
-
-    report = json.loads(child.stdout.strip().splitlines()[-1])
+    report = run_on_sqlite(SCRIPT, tmp_path / "indicators.sqlite3", stdin=json.dumps(close.tolist()))
     assert report["converted"] == [[1, {"sma_20": 2345.678901234567, "rsi_14": None}]]
     assert report["written"] == [1_200, 300, 300]
     rows = report["rows"]

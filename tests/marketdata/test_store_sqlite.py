@@ -4,13 +4,11 @@ The test suite's database is PostgreSQL, so the SQLite upsert path (ON CONFLICT 
 of the existing keys, as SQLite has no xmax) runs in a subprocess against a scratch SQLite file.
 """
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.marketdata.conftest import run_on_sqlite
 
 SCRIPT = """
 import json
@@ -39,25 +37,7 @@ print(json.dumps({
 
 @pytest.mark.slow
 def test_the_embedded_store_keeps_its_contract_on_sqlite(tmp_path: Path):
-    env = {
-        **os.environ,
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'store.sqlite3'}",
-        "MONGODB_URI": "",
-        "DEBUG": "1",
-        "DJANGO_SETTINGS_MODULE": "datacollector.settings",
-    }
-    child = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        env=env,
-        cwd=Path(__file__).resolve().parents[2],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert child.returncode == 0, child.stderr
-
-    report = json.loads(child.stdout.strip().splitlines()[-1])
+    report = run_on_sqlite(SCRIPT, tmp_path / "store.sqlite3")
     t0, minute = 1_704_067_200_000, 60_000
     assert report["results"] == [[2_498, 0, 0], [0, 0, 2_498], [1, 1, 2]]
     assert report["coverage"] == [t0, t0 + 2_499 * minute, 2_499]
