@@ -647,17 +647,6 @@ def _mongo_write(exchange_id: str, symbol: str, timeframe: str, ts: np.ndarray, 
             collection.bulk_write(batch, ordered=False)
 
 
-def delete_indicators(
-    exchange_id: str, symbol: str, timeframe: str, start_ts: int | None = None, end_ts: int | None = None
-) -> int:
-    """Delete a series' indicator rows (within the inclusive bounds, if given); returns how many."""
-    if store.uses_mongo():
-        query = store.mongo_filter(exchange_id, symbol, timeframe, start_ts, end_ts)
-        return store.get_mongo_db()[store.INDICATORS].delete_many(query).deleted_count
-    deleted, _ = store.sql_series(IndicatorRow, exchange_id, symbol, timeframe, start_ts, end_ts).delete()
-    return deleted
-
-
 def _stored_ts(exchange_id: str, symbol: str, timeframe: str) -> np.ndarray:
     if store.uses_mongo():
         query = store.mongo_filter(exchange_id, symbol, timeframe, None, None)
