@@ -3,12 +3,12 @@
 from django.contrib import admin
 from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
-from rest_framework.authtoken.views import obtain_auth_token
 from rest_framework.routers import DefaultRouter
 
 from apps.connectors.urls import router as connectors_router
 from apps.jobs.urls import router as jobs_router
 from apps.ratelimits.urls import router as ratelimits_router
+from datacollector.views import obtain_token
 
 admin.site.site_header = "Data Collector"
 admin.site.site_title = "Data Collector admin"
@@ -40,7 +40,7 @@ for app_router in (connectors_router, jobs_router, ratelimits_router):
 api_router.trailing_slash = "/?"
 
 api_v1 = [
-    re_path(r"^auth/token/?$", obtain_auth_token, name="api-token"),
+    re_path(r"^auth/token/?$", obtain_token, name="api-token"),
     path("", include("apps.connectors.urls")),
     path("", include("apps.jobs.urls")),
     path("", include("apps.ratelimits.urls")),
