@@ -3,6 +3,7 @@
 Every default runs out of the box: an SQLite file under `var/`, the embedded candle store, DEBUG off.
 """
 
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -26,6 +27,33 @@ if not SECRET_KEY:
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
+# HTTPS in production (README "Production settings", .env.example); the defaults suit `make run`'s plain
+# http on 127.0.0.1.
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
+# Probes and Prometheus reach a process directly over http; a redirect to https would fail them.
+SECURE_REDIRECT_EXEMPT = [r"^health/?$", r"^health/ready/?$", r"^metrics$"]
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=False)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=False)
+# "HTTP_X_FORWARDED_PROTO,https": the proxy in front sets that header and says the request came over https.
+_proxy_ssl_header = env.list("SECURE_PROXY_SSL_HEADER", default=[])
+if _proxy_ssl_header and len(_proxy_ssl_header) != 2:
+    raise ImproperlyConfigured(
+        f"SECURE_PROXY_SSL_HEADER must be a header and a value (HTTP_X_FORWARDED_PROTO,https), not {_proxy_ssl_header}"
+    )
+SECURE_PROXY_SSL_HEADER = tuple(_proxy_ssl_header) or None
+# Proxies in front of the web that append to X-Forwarded-For; 0 trusts no such header, so a client
+# cannot pick the address its throttles and login lockouts count under.
+TRUSTED_PROXIES = env.int("TRUSTED_PROXIES", default=0)
+
+# Request bodies larger than this are refused (413) before they are read.
+MAX_REQUEST_BODY_BYTES = env.int("MAX_REQUEST_BODY_BYTES", default=1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BODY_BYTES
+# Set: /metrics answers only requests with `Authorization: Bearer <METRICS_TOKEN>`.
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+
 INSTALLED_APPS = [
     "django_prometheus",
     "django.contrib.admin",
@@ -38,6 +66,8 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "axes",
     "apps.connectors",
     "apps.jobs",
     "apps.ratelimits",
@@ -47,6 +77,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "datacollector.middleware.RequestBodyLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -55,7 +86,31 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
+    # Last, as axes asks: it turns a locked-out login into datacollector.throttling.lockout_response.
+    "axes.middleware.AxesMiddleware",
 ]
+
+AUTHENTICATION_BACKENDS = [
+    "datacollector.throttling.LoginAttemptsBackend",  # first: refuses a locked-out login before any check
+    "django.contrib.auth.backends.ModelBackend",
+]
+
+# Login lockout (django-axes): AXES_FAILURE_LIMIT failed logins from one client address, or for one
+# username, lock that address or username out for AXES_COOLOFF_MINUTES. Attempts are counted in the
+# database, so every process shares them. Locking by username lets anyone lock a user out for the
+# cool-off; the limit is what stops guessing from many addresses.
+AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.float("AXES_COOLOFF_MINUTES", default=15))
+AXES_LOCKOUT_PARAMETERS = ["ip_address", "username"]
+# An attempt during the lockout is refused without restarting the cool-off, so Retry-After holds.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_CALLABLE = "datacollector.throttling.lockout_response"
+AXES_CLIENT_IP_CALLABLE = "datacollector.throttling.client_ip"
+
+# DRF's throttles count in this cache. The default is per process: production sets a shared cache
+# (redis://127.0.0.1:6379/1) so that every web worker counts the same requests.
+CACHES = {"default": env.cache_url("CACHE_URL", default="locmemcache://")}
 
 ROOT_URLCONF = "datacollector.urls"
 
@@ -115,7 +170,16 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
         "rest_framework.authentication.TokenAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PERMISSION_CLASSES": ["datacollector.permissions.ModelPermissions"],
+    "DEFAULT_THROTTLE_CLASSES": ["datacollector.throttling.AnonThrottle", "datacollector.throttling.UserThrottle"],
+    # "N/second|minute|hour|day"; the token endpoint has its own two instead of anon and user.
+    "DEFAULT_THROTTLE_RATES": {
+        "anon": env.str("THROTTLE_ANON", default="60/minute"),
+        "user": env.str("THROTTLE_USER", default="1200/minute"),
+        "token_ip": env.str("THROTTLE_TOKEN_IP", default="20/minute"),
+        "token_username": env.str("THROTTLE_TOKEN_USERNAME", default="10/minute"),
+    },
+    "NUM_PROXIES": TRUSTED_PROXIES,
     "DEFAULT_PARSER_CLASSES": ["datacollector.parsers.JSONParser", "rest_framework.parsers.FormParser"],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
@@ -127,6 +191,12 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "Data Collector API",
     "DESCRIPTION": "Connectors, collection jobs, runs, rate limits and stored market data.",
     "VERSION": "1.0.0",
+    # The schema and Swagger UI need a login like the rest of the API; Swagger UI is served from
+    # drf-spectacular-sidecar's static files, so it works offline and its version is pinned.
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     # Jobs and runs both have a `status`; name each choice set so the schema's enums stay readable.
     "ENUM_NAME_OVERRIDES": {
         "JobStatusEnum": "apps.jobs.models.Job.Status",

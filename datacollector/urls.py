@@ -55,5 +55,4 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("", include("apps.monitoring.urls")),
-    path("", include("django_prometheus.urls")),
 ]

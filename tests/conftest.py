@@ -1,6 +1,11 @@
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
+from django.core.cache import cache
 from rest_framework.test import APIClient
+
+# The project's own apps: their models are what the API's permissions are about.
+PROJECT_APPS = ["connectors", "jobs", "ratelimits", "marketdata", "monitoring"]
 
 
 @pytest.fixture(autouse=True)
@@ -9,9 +14,26 @@ def _fast_password_hashing(settings) -> None:
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_throttles() -> None:
+    # DRF's throttles count in the cache, which outlives a test: each test starts with none counted.
+    cache.clear()
+
+
+def grant(user, *codenames: str, apps: list[str] = PROJECT_APPS):
+    """Give `user` the permissions named (`view_job`, ...), or every permission of `apps` when none are."""
+    perms = Permission.objects.filter(content_type__app_label__in=apps)
+    if codenames:
+        perms = perms.filter(codename__in=codenames)
+        assert perms.count() == len(codenames), f"unknown permission among {codenames}"
+    user.user_permissions.add(*perms)
+    return get_user_model().objects.get(pk=user.pk)  # a fresh instance: permissions are cached per object
+
+
 @pytest.fixture
 def user(db):
-    return get_user_model().objects.create_user("operator", password="operator-password-1")
+    """An operator: every model permission of the project's apps, but not staff (no admin)."""
+    return grant(get_user_model().objects.create_user("operator", password="operator-password-1"))
 
 
 @pytest.fixture

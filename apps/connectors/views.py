@@ -13,6 +13,7 @@ from rest_framework.views import APIView
 from apps.connectors.exchanges import known_exchange_ids, offline_timeframes
 from apps.connectors.models import Connector, validate_exchange_id
 from apps.connectors.serializers import ConnectorSerializer
+from datacollector.permissions import requires
 
 
 class ConnectorViewSet(viewsets.ModelViewSet):
@@ -48,6 +49,9 @@ class ConnectorViewSet(viewsets.ModelViewSet):
 
 class ExchangeListView(APIView):
     """Accepted exchange ids; with `?exchange_id=` the timeframes that exchange offers."""
+
+    # It lists the configured connectors.
+    permission_classes = [requires("connectors.view_connector")]
 
     @extend_schema(
         parameters=[OpenApiParameter("exchange_id", OpenApiTypes.STR, description="Show one exchange's timeframes.")],

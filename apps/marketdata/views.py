@@ -5,7 +5,7 @@ from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from pymongo.errors import PyMongoError
-from rest_framework.decorators import api_view, renderer_classes
+from rest_framework.decorators import api_view, permission_classes, renderer_classes
 from rest_framework.renderers import BrowsableAPIRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -20,6 +20,7 @@ from apps.marketdata.serializers import (
     cursor_page,
     format_time,
 )
+from datacollector.permissions import requires
 
 CANDLE_COLUMNS = ["ts", "time", "open", "high", "low", "close", "volume"]
 
@@ -47,6 +48,7 @@ def series_endpoint(view):
 
 
 @series_endpoint
+@permission_classes([requires("marketdata.view_candle")])
 def ohlcv(request: Request) -> Response | StreamingHttpResponse:
     """Stored candles of one series, oldest first, bounds inclusive.
 
@@ -79,6 +81,7 @@ def ohlcv(request: Request) -> Response | StreamingHttpResponse:
 
 
 @series_endpoint
+@permission_classes([requires("marketdata.view_indicatorrow")])
 def indicators(request: Request) -> Response | StreamingHttpResponse:
     """Stored indicators of one series, one row per candle, oldest first, bounds inclusive.
 

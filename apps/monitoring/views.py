@@ -1,13 +1,16 @@
-"""Health endpoints for load balancers and orchestrators; anonymous, JSON, never cached."""
+"""Health endpoints for load balancers and orchestrators (anonymous, JSON, never cached) and the
+Prometheus metrics export."""
 
 import logging
+import secrets
 
 import pymongo
 from django.conf import settings
-from django.db import connection
-from django.http import HttpRequest, JsonResponse
+from django.db import DatabaseError, connection
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
+from django_prometheus.exports import ExportToDjangoView
 
 logger = logging.getLogger(__name__)
 
@@ -25,15 +28,46 @@ def live(request: HttpRequest) -> JsonResponse:
 @never_cache
 @require_GET
 def ready(request: HttpRequest) -> JsonResponse:
-    """Every component the product needs answers: the database, and MongoDB when configured."""
+    """Every component the product needs answers: the database, and MongoDB when configured.
+
+    Anyone sees the status and which components fail; only staff see each check's error, which names
+    hosts and ports.
+    """
     checks = {"database": _check_database()}
     if settings.MONGODB_URI:
         checks["mongodb"] = _check_mongodb(settings.MONGODB_URI)
     failing = [name for name, check in checks.items() if check["status"] != "ok"]
-    body = {"status": "unavailable" if failing else "ok", "checks": checks}
+    body = {"status": "unavailable" if failing else "ok"}
     if failing:
         body["failing"] = failing
+    if _is_staff(request):
+        body["checks"] = checks
     return JsonResponse(body, status=503 if failing else 200)
+
+
+@never_cache
+@require_GET
+def metrics(request: HttpRequest) -> HttpResponse:
+    """django-prometheus' export; with METRICS_TOKEN set, only for `Authorization: Bearer <token>`."""
+    expected = settings.METRICS_TOKEN
+    if expected:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        # Constant time: the comparison must not tell a guesser how much of the token was right.
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), expected.encode()):
+            response = HttpResponse(
+                "Send Authorization: Bearer <METRICS_TOKEN>.\n", status=401, content_type="text/plain"
+            )
+            response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+            return response
+    return ExportToDjangoView(request)
+
+
+def _is_staff(request: HttpRequest) -> bool:
+    # The user comes from the session, which lives in the database this probe may have just found down.
+    try:
+        return request.user.is_active and request.user.is_staff
+    except DatabaseError:
+        return False
 
 
 def _check_database() -> dict[str, str]:

@@ -2,6 +2,8 @@ import pytest
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
+from tests.conftest import grant
+
 API_PATHS = [
     "/api/v1/",
     "/api/v1/connectors/",
@@ -28,7 +30,7 @@ def test_actions_are_refused_to_anonymous_clients(anon_client, job, simulated) -
 
 
 def test_token_from_the_auth_endpoint_opens_the_api(db) -> None:
-    get_user_model().objects.create_user("robot", password="robot-password-1")
+    grant(get_user_model().objects.create_user("robot", password="robot-password-1"), "view_job")
     client = APIClient()
 
     bad = client.post("/api/v1/auth/token", {"username": "robot", "password": "wrong"}, format="json")
@@ -52,7 +54,9 @@ def test_browsable_api_renders_html_for_a_logged_in_user(client, user) -> None:
     assert b"exchange_id" in jobs.content
 
 
-def test_schema_and_swagger_ui_are_served(client, db) -> None:
+def test_schema_and_swagger_ui_are_served_to_a_logged_in_user(client, user) -> None:
+    client.force_login(user)
+
     schema = client.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
     docs = client.get("/api/docs/")
 

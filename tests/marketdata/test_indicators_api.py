@@ -11,6 +11,7 @@ from django.contrib.auth import get_user_model
 from apps.marketdata import store
 from apps.marketdata.indicators import indicator_set, update_indicators
 from datacollector.config import get_config
+from tests.conftest import grant
 from tests.marketdata.test_indicators import random_walk
 
 pytestmark = pytest.mark.django_db
@@ -39,7 +40,7 @@ DEFAULT_COLUMNS = [
 @pytest.fixture
 def user(db):
     # The API client logs in with force_authenticate, so skip hashing a password.
-    return get_user_model().objects.create_user("reader", password=None)
+    return grant(get_user_model().objects.create_user("reader", password=None), "view_indicatorrow")
 
 
 @pytest.fixture(autouse=True)
