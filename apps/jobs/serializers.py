@@ -242,7 +242,7 @@ class RunSerializer(serializers.HyperlinkedModelSerializer):
     exchange_id = serializers.CharField(source="job.connector.exchange_id", read_only=True)
     symbol = serializers.CharField(source="job.symbol", read_only=True)
     timeframe = serializers.CharField(source="job.timeframe", read_only=True)
-    duration = serializers.FloatField(read_only=True, help_text="Seconds; null while running.")
+    duration = serializers.FloatField(read_only=True, allow_null=True, help_text="Seconds; null while running.")
 
     class Meta:
         model = Run

@@ -1,4 +1,8 @@
+from datetime import datetime, timedelta
+
 import django_filters
+from django.core.exceptions import ValidationError
+from django_filters.fields import IsoDateTimeField
 from django_filters.rest_framework import DjangoFilterBackend
 from drf_spectacular.utils import extend_schema
 from rest_framework import filters, status, viewsets
@@ -8,6 +12,7 @@ from rest_framework.response import Response
 
 from apps.jobs.models import Job, Run
 from apps.jobs.serializers import BulkJobSerializer, JobSerializer, RunSerializer
+from datacollector.filters import SearchFilter
 
 
 class JobFilter(django_filters.FilterSet):
@@ -23,7 +28,7 @@ class JobViewSet(viewsets.ModelViewSet):
 
     queryset = Job.objects.select_related("connector")
     serializer_class = JobSerializer
-    filter_backends = [DjangoFilterBackend, filters.SearchFilter, filters.OrderingFilter]
+    filter_backends = [DjangoFilterBackend, SearchFilter, filters.OrderingFilter]
     filterset_class = JobFilter
     search_fields = ["symbol", "connector__exchange_id"]
     ordering_fields = [
@@ -77,12 +82,44 @@ class JobViewSet(viewsets.ModelViewSet):
         return BulkJobSerializer if self.action == "bulk" else JobSerializer
 
 
+# PostgreSQL refuses a timestamp whose UTC offset is 16 hours or more (real ones span -12:00 to +14:00).
+_MAX_UTC_OFFSET = timedelta(hours=16)
+
+
+class MomentField(IsoDateTimeField):
+    """An ISO 8601 date-time whose UTC offset the database can store; naive means the server's UTC."""
+
+    # django-filter %-formats the messages it reports, hence the doubled %.
+    default_error_messages = {
+        "invalid": (
+            "Enter an ISO 8601 date-time, e.g. 2024-01-01T00:00:00Z or 2024-01-01T02:00:00+02:00 "
+            "(write a '+' offset as %%2B in a URL)."
+        ),
+        "offset": "The UTC offset {offset} is out of range: use one from -15:59 to +15:59, or Z.",
+    }
+
+    def to_python(self, value: object) -> datetime | None:
+        moment = super().to_python(value)
+        offset = moment.utcoffset() if moment is not None else None
+        if offset is not None and abs(offset) >= _MAX_UTC_OFFSET:
+            sign, minutes = ("-" if offset < timedelta(0) else "+"), int(abs(offset).total_seconds()) // 60
+            raise ValidationError(
+                self.error_messages["offset"].format(offset=f"{sign}{minutes // 60:02d}:{minutes % 60:02d}"),
+                code="offset",
+            )
+        return moment
+
+
+class MomentFilter(django_filters.IsoDateTimeFilter):
+    field_class = MomentField
+
+
 class RunFilter(django_filters.FilterSet):
     exchange_id = django_filters.CharFilter(field_name="job__connector__exchange_id")
     symbol = django_filters.CharFilter(field_name="job__symbol")
     timeframe = django_filters.CharFilter(field_name="job__timeframe")
-    started_after = django_filters.IsoDateTimeFilter(field_name="started_at", lookup_expr="gte")
-    started_before = django_filters.IsoDateTimeFilter(field_name="started_at", lookup_expr="lt")
+    started_after = MomentFilter(field_name="started_at", lookup_expr="gte")
+    started_before = MomentFilter(field_name="started_at", lookup_expr="lt")
 
     class Meta:
         model = Run

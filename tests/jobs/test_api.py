@@ -116,8 +116,12 @@ def test_any_well_formed_timeframe_is_accepted_where_ccxt_lists_none_offline(api
     assert offline_timeframes("bitflyer") == ()
     Connector.objects.create(exchange_id="bitflyer")
 
-    ok = api_client.post("/api/v1/jobs/", {"exchange_id": "bitflyer", "symbol": "BTC/JPY", "timeframe": "7m"})
-    bad = api_client.post("/api/v1/jobs/", {"exchange_id": "bitflyer", "symbol": "BTC/JPY", "timeframe": "m7"})
+    ok = api_client.post(
+        "/api/v1/jobs/", {"exchange_id": "bitflyer", "symbol": "BTC/JPY", "timeframe": "7m"}, format="json"
+    )
+    bad = api_client.post(
+        "/api/v1/jobs/", {"exchange_id": "bitflyer", "symbol": "BTC/JPY", "timeframe": "m7"}, format="json"
+    )
 
     assert ok.status_code == 201, ok.data
     assert bad.status_code == 400
@@ -307,6 +311,87 @@ def test_runs_are_read_only_and_filtered_by_job(api_client, job, simulated) -> N
     assert api_client.post("/api/v1/runs/", {"job": job.pk}).status_code == 405
     run_id = response.data["results"][0]["id"]
     assert api_client.delete(f"/api/v1/runs/{run_id}/").status_code == 405
+
+
+@pytest.mark.parametrize("name", ["started_after", "started_before"])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("2026-01-01T00:00:00+16:00", "+16:00 is out of range"),
+        ("2026-01-01T00:00:00-23:59", "-23:59 is out of range"),
+        ("2026-01-01T00:00:00 02:00", "%2B"),
+        ("yesterday", "ISO 8601"),
+        ("2026-01-\x0001", "ISO 8601"),
+    ],
+)
+def test_run_time_filters_refuse_what_the_database_cannot_compare_with_a_400(api_client, job, name, value, message):
+    # PostgreSQL refuses UTC offsets of 16 hours or more; the filter says so instead of a 500.
+    Run.objects.create(job=job, worker="w1")
+
+    response = api_client.get("/api/v1/runs/", {name: value})
+
+    assert response.status_code == 400
+    assert list(response.data) == [name]
+    assert message in " ".join(response.data[name])
+
+
+def test_run_time_filters_take_offsets_up_to_15_59_and_compare_in_utc(api_client, job) -> None:
+    Run.objects.create(job=job, worker="w1", started_at=datetime(2026, 1, 1, 12, tzinfo=UTC))
+
+    after = api_client.get("/api/v1/runs/", {"started_after": "2026-01-01T23:59:00+15:59"})
+    before = api_client.get("/api/v1/runs/", {"started_before": "2026-01-01T12:00:00+00:01"})
+
+    assert after.status_code == before.status_code == 200
+    assert after.data["count"] == 1
+    assert before.data["count"] == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "name"),
+    [
+        ("/api/v1/runs/", "job"),
+        ("/api/v1/jobs/", "connector"),
+    ],
+)
+@pytest.mark.parametrize("value", ["99999999999999999999", "-99999999999999999999", "1.5", "\x00"])
+def test_id_filters_beyond_bigint_or_not_integers_are_a_400(api_client, job, url, name, value) -> None:
+    response = api_client.get(url, {name: value})
+
+    assert response.status_code == 400
+    assert list(response.data) == [name]
+
+
+@pytest.mark.parametrize(
+    ("url", "name"),
+    [
+        ("/api/v1/jobs/", "symbol"),
+        ("/api/v1/jobs/", "exchange_id"),
+        ("/api/v1/runs/", "worker"),
+        ("/api/v1/runs/", "symbol"),
+        ("/api/v1/jobs/", "search"),
+    ],
+)
+def test_nul_characters_in_text_filters_are_a_400_naming_the_parameter(api_client, job, url, name) -> None:
+    # PostgreSQL text cannot hold NUL; the filters refuse it before a query is built.
+    response = api_client.get(url, {name: "BTC\x00"})
+
+    assert response.status_code == 400
+    assert list(response.data) == [name]
+
+
+def test_pages_beyond_any_count_are_a_404(api_client, job) -> None:
+    response = api_client.get("/api/v1/jobs/", {"page": "99999999999999999999999"})
+
+    assert response.status_code == 404
+    assert response.data == {"detail": "Invalid page."}
+
+
+def test_a_running_run_has_a_null_duration(api_client, job) -> None:
+    Run.objects.create(job=job, worker="w1")
+
+    response = api_client.get("/api/v1/runs/")
+
+    assert response.data["results"][0]["duration"] is None
 
 
 def test_deleting_a_job_removes_it(api_client, job) -> None:
