@@ -3,6 +3,7 @@
 Every default runs out of the box: an SQLite file under `var/`, the embedded candle store, DEBUG off.
 """
 
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -146,6 +147,57 @@ MONGODB_URI = env.str("MONGODB_URI", default="")
 MONGODB_DATABASE = env.str("MONGODB_DATABASE", default="datacollector")
 
 COLLECTOR_CONFIG = env.path("COLLECTOR_CONFIG", default=BASE_DIR / "config" / "collector.yaml")
+
+# Exchange credentials stay in the environment; a connector names the variables (api_key_env, ...).
+# A name must match this regex whole (default: upper-case names ending in _KEY, _SECRET, _PASSWORD or
+# _PASSPHRASE, e.g. BINANCE_API_KEY) and must not be reserved below.
+CREDENTIAL_ENV_PATTERN = env.str("CREDENTIAL_ENV_PATTERN", default=r"[A-Z][A-Z0-9_]*_(KEY|SECRET|PASSWORD|PASSPHRASE)")
+try:
+    re.compile(CREDENTIAL_ENV_PATTERN)
+except re.error as exc:
+    raise ImproperlyConfigured(f"CREDENTIAL_ENV_PATTERN is not a valid regular expression: {exc}") from None
+# Variables the project itself reads, and prefixes of variables its platform sets: a connector may never
+# name one, or the scheduler would send it to an exchange as a credential. Every env.*("NAME") in this
+# file and every variable of .env.example is listed here (tests/connectors/test_secrets.py checks).
+RESERVED_ENV_NAMES = frozenset(
+    {
+        "DEBUG",
+        "SECRET_KEY",
+        "ALLOWED_HOSTS",
+        "CSRF_TRUSTED_ORIGINS",
+        "DATABASE_URL",
+        "CONN_MAX_AGE",
+        "MONGODB_URI",
+        "MONGODB_DATABASE",
+        "COLLECTOR_CONFIG",
+        "CREDENTIAL_ENV_PATTERN",
+        "CREDENTIAL_HOSTS_ALLOWED",
+        "LOG_LEVEL",
+        "LOG_FORMAT",
+        "REDIS_URL",
+        "CACHE_URL",
+        "METRICS_TOKEN",
+        "MAX_REQUEST_BODY_BYTES",
+        "TRUSTED_PROXIES",
+        "THROTTLE_ANON",
+        "THROTTLE_USER",
+        "THROTTLE_TOKEN_IP",
+        "THROTTLE_TOKEN_USERNAME",
+        "AXES_FAILURE_LIMIT",
+        "AXES_COOLOFF_MINUTES",
+        "SECURE_SSL_REDIRECT",
+        "SECURE_PROXY_SSL_HEADER",
+        "SECURE_HSTS_SECONDS",
+        "SECURE_HSTS_INCLUDE_SUBDOMAINS",
+        "SECURE_HSTS_PRELOAD",
+        "SESSION_COOKIE_SECURE",
+        "CSRF_COOKIE_SECURE",
+    }
+)
+RESERVED_ENV_PREFIXES = ("DJANGO_", "POSTGRES", "PG", "MONGO", "REDIS", "AWS_", "AZURE_", "GOOGLE_", "GCP_")
+# Hosts besides each exchange's own (from ccxt) that may receive a connector's credentials, e.g. a
+# testnet mirror or an egress proxy; comma separated. Requests with credentials go nowhere else.
+CREDENTIAL_HOSTS_ALLOWED = env.list("CREDENTIAL_HOSTS_ALLOWED", default=[])
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

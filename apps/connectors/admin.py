@@ -1,3 +1,6 @@
+from typing import Any
+
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import Count, Q, QuerySet
 from django.forms.models import BaseInlineFormSet
@@ -37,8 +40,22 @@ class JobInline(admin.TabularInline):
         return False
 
 
+class ConnectorForm(forms.ModelForm):
+    # The user editing; ConnectorAdmin.get_form sets it for each request (options.urls needs a permission).
+    user: Any = None
+
+    def clean_options(self) -> object:
+        options = self.cleaned_data.get("options")
+        # self.instance still holds the stored options here: the form copies its data onto it later.
+        error = self.instance.urls_permission_error(self.user, options)
+        if error is not None:
+            raise forms.ValidationError(error)
+        return options
+
+
 @admin.register(Connector)
 class ConnectorAdmin(admin.ModelAdmin):
+    form = ConnectorForm
     list_display = [
         "exchange_id",
         "name",
@@ -66,6 +83,12 @@ class ConnectorAdmin(admin.ModelAdmin):
         ),
         (None, {"fields": ["created_at", "updated_at"]}),
     ]
+
+    def get_form(self, request: HttpRequest, obj: Connector | None = None, change: bool = False, **kwargs) -> type:
+        form = super().get_form(request, obj, change=change, **kwargs)
+        # modelform_factory builds a new class on every call, so this attribute is this request's alone.
+        form.user = request.user
+        return form
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         return (

@@ -23,15 +23,26 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 import ccxt
 import tenacity
+from django.conf import settings
 
 SIMULATED = "simulated"
 
 SIMULATED_TIMEFRAMES = ("1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d", "1w")
 
 _TIMEFRAME_RE = re.compile(r"^[1-9][0-9]*[smhdwMy]$")
+
+# The connector fields naming credential variables, and the ccxt option each one fills.
+CREDENTIAL_ENV_FIELDS = {"api_key_env": "apiKey", "api_secret_env": "secret", "api_password_env": "password"}
+
+# Every credential field ccxt knows (apiKey, secret, uid, login, password, twofa, privateKey, ...): the
+# base class lists them all and each exchange marks the ones it needs (a test checks the union).
+CCXT_CREDENTIAL_FIELDS = frozenset(ccxt.Exchange().describe()["requiredCredentials"])
+
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 logger = logging.getLogger(__name__)
 
@@ -344,14 +355,18 @@ class ExchangeProfile:
 PROFILES: dict[str, ExchangeProfile] = {
     # Binance spot: GET /api/v3/klines weighs 2 whatever the limit and returns at most 1,000 rows;
     # exchangeInfo weighs 20, time 1. Markets are loaded for spot only (linear/inverse markets would
-    # call fapi/dapi exchangeInfo, and margin pairs sapi) unless the connector's options say otherwise.
+    # call fapi/dapi exchangeInfo, and margin pairs sapi) unless the connector's options say otherwise;
+    # currencies not at all: with credentials ccxt would load them with a signed sapi request that
+    # collection never uses (and that goes to api.binance.com whatever the connector's urls say).
     "binance": ExchangeProfile(
         klines_weight=2,
         page_limit=1000,
         markets_weight=20,
         time_weight=1,
         weight_limit_per_minute=6000,
-        default_config={"options": {"fetchMarkets": {"types": ["spot"]}, "fetchMargins": False}},
+        default_config={
+            "options": {"fetchMarkets": {"types": ["spot"]}, "fetchMargins": False, "fetchCurrencies": False}
+        },
     ),
 }
 
@@ -374,8 +389,65 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
+# Keys of ccxt's `urls` that name pages for people (logos, docs, fee tables), never a request's target.
+_PAGE_URL_KEYS = frozenset({"logo", "doc", "fees", "referral", "api_management"})
+
+
+def _url_hosts(exchange: ccxt.Exchange, value: object, path: str) -> list[tuple[str, str]]:
+    """(host, key path) of every URL in `value`, with ccxt's `{hostname}` filled in as ccxt does."""
+    found = []
+    stack = [(path, value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            host = urlsplit(exchange.implode_hostname(item)).hostname
+            if host:
+                found.append((host.lower(), where))
+        elif isinstance(item, dict):
+            stack.extend((f"{where}.{key}", child) for key, child in item.items())
+        elif isinstance(item, list):
+            stack.extend((f"{where}[{index}]", child) for index, child in enumerate(item))
+    return found
+
+
+def _request_hosts(exchange: ccxt.Exchange) -> list[tuple[str, str]]:
+    """Where this instance may send requests: its effective `urls` (page links aside) and its proxies."""
+    urls = {key: value for key, value in (exchange.urls or {}).items() if key not in _PAGE_URL_KEYS}
+    hosts = _url_hosts(exchange, urls, "options.urls")
+    for name, value in vars(exchange).items():
+        # proxy, proxyUrl, httpProxy, httpsProxy, socksProxy, proxies... in both ccxt spellings. A proxy
+        # sees what goes through it (a CORS-style proxyUrl sees the whole request), so it counts as a host.
+        if "prox" in name.lower() and value and isinstance(value, str | dict | list):
+            hosts.extend(_url_hosts(exchange, value, f"options.{name}"))
+    return hosts
+
+
+@functools.cache
+def exchange_hosts(exchange_id: str) -> frozenset[str]:
+    """The hosts of an exchange's own API, test, demo and web URLs, as its ccxt class describes them."""
+    return frozenset(host for host, _ in _request_hosts(getattr(ccxt, exchange_id)()))
+
+
+def credential_host_error(exchange_id: str, host: str, where: str) -> str | None:
+    """Why credentials may not go to `host` (found at `where`); None when it is the exchange's or allowed."""
+    allowed = {entry.strip().lower() for entry in settings.CREDENTIAL_HOSTS_ALLOWED if entry.strip()}
+    if host in exchange_hosts(exchange_id) or host in allowed:
+        return None
+    own = sorted(exchange_hosts(exchange_id))
+    listed = ", ".join(own[:6]) + (", ..." if len(own) > 6 else "")
+    return (
+        f"{exchange_id}: credentials are not sent to {host} ({where}): it is not one of the exchange's own hosts "
+        f"({listed}). An operator can allow it with the CREDENTIAL_HOSTS_ALLOWED setting."
+    )
+
+
 class CcxtClient:
-    """Any ccxt exchange, synchronous, one instance per thread (a ccxt instance holds a requests session)."""
+    """Any ccxt exchange, synchronous, one instance per thread (a ccxt instance holds a requests session).
+
+    With credentials, every host the instance may send a request to must be the exchange's own or in
+    CREDENTIAL_HOSTS_ALLOWED: construction refuses otherwise (PermanentExchangeError), and each request
+    is checked again before it leaves, whatever URL the exchange's code built.
+    """
 
     def __init__(
         self,
@@ -393,6 +465,13 @@ class CcxtClient:
         config["enableRateLimit"] = False
         config.update(credentials or {})
         self.exchange: ccxt.Exchange = getattr(ccxt, exchange_id)(config)
+        if credentials:
+            for host, where in _request_hosts(self.exchange):
+                error = credential_host_error(exchange_id, host, where)
+                if error is not None:
+                    raise PermanentExchangeError(error)
+            self._send = self.exchange.fetch
+            self.exchange.fetch = self._fetch_own_hosts_only
         self._markets_key = json.dumps([exchange_id, options or {}], sort_keys=True, default=str)
         self._guard = _Guard(exchange_id, weight_limit_per_minute, bucket_capacity)
         self.stats = self._guard.stats
@@ -400,6 +479,17 @@ class CcxtClient:
 
     def __repr__(self) -> str:
         return f"<CcxtClient {self.exchange_id}>"
+
+    def _fetch_own_hosts_only(
+        self, url: str, method: str = "GET", headers: dict | None = None, body: str | None = None
+    ) -> Any:
+        # ccxt calls fetch() with the final URL of every request; checking here also covers URLs an
+        # exchange's code builds from its options rather than from `urls`.
+        host = (urlsplit(url).hostname or "").lower()
+        error = credential_host_error(self.exchange_id, host, "a request")
+        if error is not None:
+            raise PermanentExchangeError(error)
+        return self._send(url, method, headers, body)
 
     def _headers(self) -> Any:
         return self.exchange.last_response_headers
@@ -593,12 +683,45 @@ class SimulatedClient:
 _local = threading.local()
 
 
+def credential_env_error(field: str, name: str) -> str | None:
+    """Why `name` may not be the credential variable of connector field `field`; None when it may.
+
+    Connector.clean() reports it; `_credentials()` checks again before reading, for rows stored before
+    the rule (or before an operator narrowed CREDENTIAL_ENV_PATTERN).
+    """
+    pattern = settings.CREDENTIAL_ENV_PATTERN
+    if not _ENV_NAME_RE.fullmatch(name) or not re.fullmatch(pattern, name):
+        return (
+            f"{field} must be the NAME of an environment variable matching CREDENTIAL_ENV_PATTERN ({pattern}), "
+            "e.g. BINANCE_API_KEY or BINANCE_SECRET; never the key itself."
+        )
+    upper = name.upper()
+    if upper in settings.RESERVED_ENV_NAMES or upper.startswith(settings.RESERVED_ENV_PREFIXES):
+        return (
+            f"{field} cannot be {name}: the collector itself or its platform uses that variable "
+            f"(reserved: {', '.join(sorted(settings.RESERVED_ENV_NAMES))} and names starting with "
+            f"{', '.join(settings.RESERVED_ENV_PREFIXES)}). Name a variable of your own, e.g. BINANCE_API_KEY."
+        )
+    return None
+
+
 def _credentials(connector: Any) -> dict[str, str]:
-    """ccxt credentials read from the environment variables the connector names (never stored)."""
+    """ccxt credentials read from the environment variables the connector names (never stored).
+
+    A name the rules refuse stops the connector's jobs with the reason (PermanentExchangeError) rather
+    than being skipped: skipping would run on without the credentials and hide a row that tried to read
+    one of the project's own variables until an authentication error surfaced somewhere else.
+    """
     credentials = {}
-    for field, key in (("api_key_env", "apiKey"), ("api_secret_env", "secret"), ("api_password_env", "password")):
+    for field, key in CREDENTIAL_ENV_FIELDS.items():
         name = getattr(connector, field, "") or ""
-        if name and os.environ.get(name):
+        if not name:
+            continue
+        error = credential_env_error(field, name)
+        if error is not None:
+            logger.warning("connector %s names a refused credential variable in %s", connector.exchange_id, field)
+            raise PermanentExchangeError(f"{connector.exchange_id}: {error} Fix the connector, then resume its jobs.")
+        if os.environ.get(name):
             credentials[key] = os.environ[name]
     return credentials
 
@@ -621,7 +744,7 @@ def get_client(connector: Any) -> ExchangeClient:
             connector.options,
             weight_limit,
             connector.rate_limit_burst,
-            [getattr(connector, f, "") for f in ("api_key_env", "api_secret_env", "api_password_env")],
+            [getattr(connector, field, "") for field in CREDENTIAL_ENV_FIELDS],
         ],
         sort_keys=True,
         default=str,

@@ -1,29 +1,96 @@
-import re
+from collections import deque
+from typing import Any
+from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
 from django.db import models
 
-from apps.connectors.exchanges import is_known_exchange
+from apps.connectors.exchanges import (
+    CCXT_CREDENTIAL_FIELDS,
+    CREDENTIAL_ENV_FIELDS,
+    credential_env_error,
+    is_known_exchange,
+)
 from datacollector.config import get_config
 
 # Where operators find the accepted exchange ids; error messages point there.
 EXCHANGES_URL = "/api/v1/exchanges"
 
-# ccxt constructor options that carry credentials. They must come from the environment (api_*_env),
-# never sit in the database where the admin, the API and backups would show them.
-CREDENTIAL_OPTIONS = ("apiKey", "secret", "password", "uid", "login", "privateKey", "walletAddress", "token")
+# Who may point a connector at custom URLs (staff may too): urls decide where requests, and with
+# them the exchange credentials, go.
+URLS_PERMISSION = "connectors.set_connector_urls"
 
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+def _normalise_key(key: object) -> str:
+    return str(key).lower().replace("-", "").replace("_", "")
+
+
+# Credentials must come from the environment (api_*_env), never sit in `options` where the admin, the
+# API and backups show them. A key of `options`, at any depth, is refused when, in lower case without
+# "-" and "_", it is one of ccxt's credential fields or contains a word that marks a credential in a
+# header or option name (X-MBX-APIKEY, Authorization, OK-ACCESS-PASSPHRASE, ...).
+CREDENTIAL_KEYS = frozenset(_normalise_key(field) for field in CCXT_CREDENTIAL_FIELDS)
+CREDENTIAL_WORDS = (
+    "apikey",
+    "secret",
+    "passphrase",
+    "signature",
+    "authorization",
+    "token",
+    "password",
+    "cookie",
+    "privatekey",
+    "credential",
+    "mnemonic",
+)
+
+
+def is_credential_key(key: object) -> bool:
+    normalised = _normalise_key(key)
+    return normalised in CREDENTIAL_KEYS or any(word in normalised for word in CREDENTIAL_WORDS)
+
+
+def _has_userinfo_password(value: str) -> bool:
+    try:
+        return bool(urlsplit(value).password)
+    except ValueError:  # not a URL (an unbalanced "[" host, say)
+        return False
+
+
+def credential_paths(options: object) -> list[str]:
+    """Paths in `options` that hold credentials (options.headers.X-MBX-APIKEY, options.urls.api[0]...).
+
+    Breadth first and without recursion, so no nesting depth can exhaust the stack; a refused key's
+    value is not searched further.
+    """
+    found = []
+    queue: deque[tuple[str, Any]] = deque([("options", options)])
+    while queue:
+        path, value = queue.popleft()
+        if isinstance(value, dict):
+            for key, child in value.items():
+                child_path = f"{path}.{key}"
+                if is_credential_key(key):
+                    found.append(child_path)
+                else:
+                    queue.append((child_path, child))
+        elif isinstance(value, list):
+            queue.extend((f"{path}[{index}]", child) for index, child in enumerate(value))
+        elif isinstance(value, str) and "@" in value and _has_userinfo_password(value):
+            found.append(path)  # https://user:password@host
+    return found
 
 
 def validate_options(value: object) -> None:
     if not isinstance(value, dict):
         raise ValidationError("options must be a JSON object (the keyword arguments of the ccxt exchange constructor).")
-    credentials = [key for key in CREDENTIAL_OPTIONS if key in value]
-    if credentials:
+    paths = credential_paths(value)
+    if paths:
         raise ValidationError(
-            f"options must not hold credentials ({', '.join(credentials)}): put them in environment variables "
-            "and name those in api_key_env, api_secret_env, api_password_env."
+            f"options must not hold credentials: {', '.join(paths)}. Put them in environment variables and "
+            "name those in api_key_env, api_secret_env, api_password_env. Refused anywhere in options: ccxt's "
+            f"credential fields ({', '.join(sorted(CCXT_CREDENTIAL_FIELDS))}), names containing "
+            f"{', '.join(CREDENTIAL_WORDS)} (case, '-' and '_' ignored), and URLs with a password."
         )
 
 
@@ -88,6 +155,7 @@ class Connector(models.Model):
 
     class Meta:
         ordering = ["exchange_id"]
+        permissions = [("set_connector_urls", "Can point a connector at custom URLs")]
 
     def __str__(self) -> str:
         return self.name or self.exchange_id
@@ -120,13 +188,11 @@ class Connector(models.Model):
             value = getattr(self, field)
             if value is not None and value <= 0:
                 errors[field] = f"{field} must be a positive integer (leave it empty for the collector.yaml default)."
-        for field in ("api_key_env", "api_secret_env", "api_password_env"):
+        for field in CREDENTIAL_ENV_FIELDS:
             value = getattr(self, field)
-            if value and not _ENV_NAME_RE.match(value):
-                errors[field] = (
-                    f"{field} must be the NAME of an environment variable (letters, digits and underscores, "
-                    "e.g. BINANCE_API_KEY), never the key itself."
-                )
+            error = credential_env_error(field, value) if value else None
+            if error is not None:
+                errors[field] = error
         if errors:
             raise ValidationError(errors)
 
@@ -136,6 +202,25 @@ class Connector(models.Model):
                 f"A connector for exchange {self.exchange_id!r} already exists: edit it instead.", code="unique"
             )
         return super().unique_error_message(model_class, unique_check)
+
+    def urls_permission_error(self, user: Any, options: object) -> str | None:
+        """Why `user` may not give this (stored or new) connector `options`, for their urls; None if they may.
+
+        Custom urls send the collector's requests anywhere, so setting or changing `options.urls` takes
+        staff or the set_connector_urls permission. Keeping the stored urls, or removing them (back to
+        the exchange's own), does not.
+        """
+        urls = options.get("urls") if isinstance(options, dict) else None
+        stored = self.options.get("urls") if isinstance(self.options, dict) else None
+        if urls is None or urls == stored:
+            return None
+        if user is not None and (user.is_staff or user.has_perm(URLS_PERMISSION)):
+            return None
+        return (
+            "options.urls: only staff, or users with the permission 'Can point a connector at custom URLs' "
+            f"({URLS_PERMISSION}), may set or change a connector's urls. Leave options.urls out (or unchanged) "
+            "to use the exchange's own."
+        )
 
     def start(self) -> int:
         """Enable the connector and activate all its jobs; returns how many jobs were touched."""

@@ -2,6 +2,7 @@ from django.core.exceptions import NON_FIELD_ERRORS
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, models, transaction
 from rest_framework import serializers
+from rest_framework.exceptions import PermissionDenied
 from rest_framework.settings import api_settings
 
 from apps.connectors.models import Connector
@@ -66,6 +67,13 @@ class ConnectorSerializer(serializers.HyperlinkedModelSerializer):
 
     def validate(self, attrs: dict) -> dict:
         instance = self.instance if self.instance is not None else Connector()
+        if "options" in attrs:
+            # A 403, not a 400: the options are valid, this user may not point the connector elsewhere.
+            # Checked against the stored options, before the instance takes the new ones below.
+            request = self.context.get("request")
+            error = instance.urls_permission_error(getattr(request, "user", None), attrs["options"])
+            if error is not None:
+                raise PermissionDenied(error)
         for name, value in attrs.items():
             setattr(instance, name, value)
         full_clean_or_400(instance)

@@ -17,7 +17,7 @@ def test_connector_is_created_with_rate_limit_defaults_from_the_yaml(api_client,
 
 
 def test_connector_options_and_env_names_are_stored(api_client, db) -> None:
-    options = {"timeout": 5000, "urls": {"api": {"public": "http://127.0.0.1:9/api"}}}
+    options = {"timeout": 5000, "options": {"defaultType": "spot"}}  # urls: tests/connectors/test_secrets.py
     response = api_client.post(
         "/api/v1/connectors/",
         {"exchange_id": "kraken", "options": options, "api_key_env": "KRAKEN_KEY", "rate_limit_burst": 5},
@@ -61,7 +61,7 @@ def test_credentials_in_options_are_refused(api_client, db) -> None:
     )
 
     assert response.status_code == 400
-    assert "must not hold credentials (apiKey, secret)" in str(response.data["options"])
+    assert "must not hold credentials: options.apiKey, options.secret." in str(response.data["options"])
 
 
 @pytest.mark.parametrize("field", ["rate_limit_weight_per_minute", "rate_limit_burst"])

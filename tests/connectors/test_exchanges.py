@@ -119,7 +119,8 @@ def test_binance_server_time_page_size_and_weight(client, fake):
     assert RateLimit.objects.get(exchange_id="binance").tokens_used == 1 + 20 + 2
 
 
-def test_api_keys_come_from_the_environment_variables_the_connector_names(db, fake, monkeypatch):
+def test_api_keys_come_from_the_environment_variables_the_connector_names(db, fake, monkeypatch, settings):
+    settings.CREDENTIAL_HOSTS_ALLOWED = ["127.0.0.1"]  # the fake's host (tests/connectors/test_secrets.py)
     monkeypatch.setenv("TEST_BINANCE_KEY", "key-from-env")
     monkeypatch.setenv("TEST_BINANCE_SECRET", "secret-from-env")
     connector = Connector.objects.create(

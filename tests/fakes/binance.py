@@ -101,6 +101,7 @@ class FakeBinance:
         self.weight_per_minute: dict[int, int] = {}  # window number (wall clock // window) -> weight used
         self.weight_per_second: dict[int, int] = {}  # int(wall clock) -> weight used (a benchmark's timeline)
         self.klines_requests: list[dict] = []
+        self.request_headers: list[dict[str, str]] = []  # every request's headers (what credentials reached us)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -334,6 +335,7 @@ def _make_handler(fake: FakeBinance) -> type[BaseHTTPRequestHandler]:
             url = urlparse(self.path)
             params = {k: v[-1] for k, v in parse_qs(url.query).items()}
             fake.counts["requests"] += 1
+            fake.request_headers.append(dict(self.headers.items()))
             if fake.latency:
                 time.sleep(fake.latency)
             weight = WEIGHTS.get(url.path)
