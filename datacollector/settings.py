@@ -111,7 +111,7 @@ AXES_CLIENT_IP_CALLABLE = "datacollector.throttling.client_ip"
 
 # DRF's throttles count in this cache. The default is per process: production sets a shared cache
 # (redis://127.0.0.1:6379/1) so that every web worker counts the same requests.
-CACHES = {"default": env.cache_url("CACHE_URL", default="locmemcache://")}
+CACHES = {"default": env.cache_url_config(env.str("CACHE_URL", default="") or "locmemcache://")}
 
 ROOT_URLCONF = "datacollector.urls"
 
