@@ -64,6 +64,8 @@ class SchedulerConfig:
 @dataclasses.dataclass(frozen=True)
 class CollectionConfig:
     default_history_candles: int = 1000
+    # How long `backfill` waits for the database to come back before it stops with its summary.
+    database_outage_seconds: float = 300.0
 
 
 @dataclasses.dataclass(frozen=True)

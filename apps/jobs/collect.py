@@ -25,15 +25,19 @@ import dataclasses
 import functools
 import logging
 import math
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from django.db import connections
+from django.db import connections, transaction
 from django.db.models import Q
+from django.utils import timezone
 
 from apps.connectors.exchanges import ExchangeClient, get_client, timeframe_ms
 from apps.jobs.models import Job, Run
@@ -53,6 +57,8 @@ MAX_PAGES_PER_RUN = 200
 # The Run row's counters are refreshed at most this often while a job runs (the final values are
 # written by whoever finishes the run).
 RUN_PROGRESS_INTERVAL_SECONDS = 2.0
+# First part of a backfill's lease owners (`backfill_owner`).
+BACKFILL_OWNER_PREFIX = "backfill"
 
 Progress = Callable[[int, int], None]  # (slots covered, candles written) since the last call
 
@@ -490,28 +496,70 @@ def _collect(job: Job, collection: _Collection, client: ExchangeClient, until_ms
     return result
 
 
+def backfill_owner(index: int) -> str:
+    """The lease owner of a backfill's `index`-th job: "backfill:<host>:<pid>:<index>"."""
+    return f"{BACKFILL_OWNER_PREFIX}:{socket.gethostname()}:{os.getpid()}:{index}"
+
+
+def left_by_dead_backfill(owner: str) -> bool:
+    """Whether the lease owner `owner` is a backfill process of this host that no longer runs.
+
+    Such a lease is safe to take over at once: its holder is gone for sure (a backfill that stopped on
+    a database outage could not release its leases). Anything else (another host's backfill, a
+    scheduler, a pid now used by a live process, this very process) is left to its lease.
+    """
+    parts = owner.split(":")
+    if len(parts) != 4 or parts[0] != BACKFILL_OWNER_PREFIX or parts[1] != socket.gethostname():
+        return False
+    try:
+        pid = int(parts[2])
+    except ValueError:
+        return False
+    return pid != os.getpid() and not _process_alive(pid)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    # A zombie has exited; only its parent has not collected its exit status yet.
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
 def claim_for_backfill(job: Job, worker: str, lease_seconds: float) -> Run | None:
     """Lease `job` to a backfill worker and open its Run, unless a live worker holds it (then None).
 
     The same lease the scheduler uses, so a running `run_scheduler` leaves the job alone meanwhile;
-    the job's status and schedule are not consulted: the operator asked for this collection.
+    the job's status and schedule are not consulted: the operator asked for this collection. A lease
+    left by a dead backfill of this host is taken over at once. Claiming again with the same `worker`
+    returns the Run already open (an attempt whose answer a database outage swallowed).
     """
-    from datetime import timedelta
-
-    from django.db import transaction
-    from django.utils import timezone
-
     now = timezone.now()
+    free = Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now) | Q(lease_owner=worker)
+    holder = Job.objects.filter(pk=job.pk).values_list("lease_owner", flat=True).first()
+    if holder and left_by_dead_backfill(holder):
+        # Guarded by the owner read: if anyone claimed the job since, the UPDATE below finds nothing.
+        free |= Q(lease_owner=holder)
     with transaction.atomic():
-        free = Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now)
         taken = Job.objects.filter(free, pk=job.pk).update(
             lease_owner=worker, lease_expires_at=now + timedelta(seconds=lease_seconds), last_run_at=now
         )
         if not taken:
             return None
-        # A run left open by a worker whose lease expired is closed as failed, as a scheduler reclaim does.
+        job.lease_owner, job.lease_expires_at = worker, now + timedelta(seconds=lease_seconds)
+        ours = Run.objects.filter(job=job, worker=worker, status=Run.Status.RUNNING).first()
+        if ours is not None:
+            return ours
+        # A run left open by a worker whose lease expired (or a dead backfill) is closed as failed, as a
+        # scheduler reclaim does.
         Run.objects.filter(job=job, status=Run.Status.RUNNING).update(
             status=Run.Status.FAILED, finished_at=now, error=Run.LEASE_EXPIRED
         )
-        job.lease_owner, job.lease_expires_at = worker, now + timedelta(seconds=lease_seconds)
         return Run.objects.create(job=job, worker=worker, started_at=now)

@@ -280,6 +280,15 @@ class RunQuerySet(models.QuerySet):
             status=Run.Status.RUNNING,
         ).update(status=Run.Status.FAILED, finished_at=now, error=Run.LEASE_EXPIRED)
 
+    def held_by(self, worker: str) -> list["Run"]:
+        """The running Runs of claim `worker` whose jobs it still holds: what a claim whose answer was
+        lost (the connection dropped after its commit) took, so the claimer can carry on with them."""
+        return list(
+            self.filter(worker=worker, status=Run.Status.RUNNING, job__lease_owner=worker).select_related(
+                "job__connector"
+            )
+        )
+
 
 class Run(models.Model):
     """One attempt at collecting a job, recorded whatever its outcome."""
@@ -398,11 +407,22 @@ class Run(models.Model):
                     Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING).update(
                         status=status, finished_at=now, error=error, **counts
                     )
-        if not owned:
+        if not owned and not self._released_already():
             raise LeaseLost(self.job_id, self.worker)
         self.status, self.finished_at, self.error = status, now, error
         for name, value in counts.items():
             setattr(self, name, value)
+
+    def _released_already(self) -> bool:
+        """Whether an earlier attempt of this release landed (its answer lost with the connection).
+
+        A Run is closed only by its own claim's release, or as "lease expired" by whoever takes its job
+        over; so a closed Run without that error was closed by us, and a release retried after a
+        database outage must not be applied twice nor reported as a lost lease.
+        """
+        return (
+            Run.objects.filter(pk=self.pk).exclude(status=Run.Status.RUNNING).exclude(error=Run.LEASE_EXPIRED).exists()
+        )
 
     def _release_in_one_statement(
         self,

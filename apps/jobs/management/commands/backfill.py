@@ -4,16 +4,24 @@ Creates (or reuses) one Job per symbol and timeframe and runs the same `collect_
 under the same shared rate limit and the same leases, so it is safe beside a running `run_scheduler`.
 The job cursor is committed after every page: interrupted with Ctrl-C (or killed), a second run with
 the same arguments continues where the first stopped.
+
+A database outage is ridden out for up to `--max-outage` seconds (`collection.database_outage_seconds`):
+the jobs wait and carry on from their cursors when the database is back. A longer outage stops the
+backfill with its summary and a non-zero exit; its leases cannot be released without the database, so
+the next backfill on this host takes over the leases of a backfill process that no longer runs.
 """
 
+import contextlib
+import functools
 import os
 import signal
-import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -23,10 +31,27 @@ from tqdm import tqdm
 
 from apps.connectors.exchanges import ExchangeError, PermanentExchangeError, get_client, timeframe_ms
 from apps.connectors.models import Connector
-from apps.jobs.collect import CollectResult, claim_for_backfill, collect_job, datetime_to_ms, ms_to_datetime
+from apps.jobs.collect import (
+    CollectResult,
+    backfill_owner,
+    claim_for_backfill,
+    collect_job,
+    datetime_to_ms,
+    ms_to_datetime,
+)
 from apps.jobs.models import Job, LeaseLost, validate_symbol, validate_timeframe
+from apps.jobs.outages import (
+    STALE_CONNECTION_RETRIES,
+    DatabaseUnavailable,
+    database_answers,
+    is_database_error,
+    ride_out,
+    wait_for_database,
+)
 from apps.marketdata import store
 from datacollector.config import get_config
+
+T = TypeVar("T")
 
 # Passes over one job when the end of the range stayed empty or the exchange kept failing (collect_one).
 MAX_PASSES = 3
@@ -92,17 +117,32 @@ class Command(BaseCommand):
             default=None,
             help="Lease held on each job while it is collected (default: scheduler.lease_seconds).",
         )
+        parser.add_argument(
+            "--max-outage",
+            type=float,
+            default=None,
+            help="Seconds a database outage is waited out before the backfill stops with its summary "
+            "(default: collection.database_outage_seconds).",
+        )
 
     def handle(self, *args, **options) -> None:
         self.stopping = threading.Event()
-        connector, symbols, timeframes, since_ms, until_ms = self.validate(options)
-        workers = options["workers"]
-        self.prefetch = options["prefetch"]
-        lease_seconds = options["lease_seconds"] or get_config().scheduler.lease_seconds
-        jobs = self.prepare_jobs(connector, symbols, timeframes, since_ms)
+        self.gave_up_on_database = threading.Event()
+        max_outage = options["max_outage"]
+        if max_outage is not None and max_outage < 0:
+            raise CommandError(f"--max-outage must be 0 or more, got {max_outage:g}.")
+        self.max_outage = get_config().collection.database_outage_seconds if max_outage is None else max_outage
+        try:
+            connector, symbols, timeframes, since_ms, until_ms = self.ride_out(lambda: self.validate(options))
+            workers = options["workers"]
+            self.prefetch = options["prefetch"]
+            lease_seconds = options["lease_seconds"] or get_config().scheduler.lease_seconds
+            jobs = self.ride_out(lambda: self.prepare_jobs(connector, symbols, timeframes, since_ms))
 
-        self.install_signal_handlers()
-        total = sum(self.expected_slots(job, since_ms, until_ms) for job in jobs)
+            self.install_signal_handlers()
+            total = self.ride_out(lambda: sum(self.expected_slots(job, since_ms, until_ms) for job in jobs))
+        except DatabaseUnavailable as exc:
+            raise CommandError(f"{exc}; nothing was collected. Run the same command again once it is back.") from None
         bar = tqdm(
             total=total,
             unit=" candles",
@@ -118,16 +158,19 @@ class Command(BaseCommand):
             with lock:
                 bar.update(slots)
 
-        worker_id = f"backfill:{socket.gethostname()}:{os.getpid()}"
         started = time.monotonic()
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="backfill") as pool:
             futures = [
-                pool.submit(self.collect_one, job, f"{worker_id}:{index}", lease_seconds, until_ms, progress)
+                pool.submit(self.collect_one, job, backfill_owner(index), lease_seconds, until_ms, progress)
                 for index, job in enumerate(jobs)
             ]
             outcomes = [future.result() for future in futures]
         bar.close()
         self.report(outcomes, time.monotonic() - started)
+
+    def ride_out(self, step: Callable[[], T]) -> T:
+        """Run a database step through an outage of up to --max-outage seconds (DatabaseUnavailable after)."""
+        return ride_out(step, give_up_after=self.max_outage)
 
     # --- Validation: everything is checked before anything is fetched ----------------------------------
 
@@ -225,18 +268,20 @@ class Command(BaseCommand):
     ) -> tuple[Job, CollectResult | None, str]:
         """One job in a worker thread, with its own database connection; returns (job, result, outcome)."""
         close_old_connections()
+        result: CollectResult | None = None
         try:
             if self.stopping.is_set():
                 return job, None, "not started"
-            run = claim_for_backfill(job, worker, lease_seconds)
+            run = self.ride_out(lambda: claim_for_backfill(job, worker, lease_seconds))
             if run is None:
-                job.refresh_from_db()
+                self.ride_out(job.refresh_from_db)
                 until = f" until {job.lease_expires_at:%H:%M:%S} UTC" if job.lease_expires_at else ""
                 return job, None, f"skipped: being collected by {job.lease_owner or 'another worker'}{until}"
             config = get_config().scheduler
             result = CollectResult()
             heartbeat = run.heartbeat(lease_seconds)
-            for attempt in range(1, MAX_PASSES + 1):
+            passes = stale = 0
+            while True:
                 cursor = job.cursor
                 try:
                     result = result + collect_job(
@@ -254,28 +299,50 @@ class Command(BaseCommand):
                     return job, result + getattr(exc, "result", CollectResult()), f"failed: {exc}"
                 except PermanentExchangeError as exc:
                     result = result + getattr(exc, "result", CollectResult())
-                    run.fail_permanently(str(exc), result)
+                    self.finish(functools.partial(run.fail_permanently, str(exc), result))
                     return job, result, f"failed: {exc}"
                 except Exception as exc:
                     result = result + getattr(exc, "result", CollectResult())
+                    if is_database_error(exc):
+                        # Not the exchange's fault and not a pass: once the database answers, the job goes
+                        # on from its committed cursor (a commit whose answer was lost moved it on).
+                        # Errors while a fresh connection answers come from connections the outage broke;
+                        # a few are expected, more are a real error of the database's, handled below.
+                        stale = stale + 1 if database_answers() else 0
+                        if stale <= STALE_CONNECTION_RETRIES:
+                            wait_for_database(give_up_after=self.max_outage)
+                            self.ride_out(lambda: job.refresh_from_db(fields=["cursor", "since"]))
+                            continue
+                    passes += 1
                     retry_after = getattr(exc, "retry_after", None)
-                    if attempt < MAX_PASSES and isinstance(exc, ExchangeError) and not self.stopping.is_set():
+                    if passes < MAX_PASSES and isinstance(exc, ExchangeError) and not self.stopping.is_set():
                         # The client's own retries are spent; the pages so far are saved. Pause, then go on.
                         pause = min(max(retry_after or 0.0, 1.0), 60.0)
                         self.stderr.write(f"{job}: {exc}; continuing in {pause:.0f}s")
                         self.stopping.wait(pause)
                         continue
-                    run.fail(str(exc), config.backoff_base_seconds, config.backoff_max_seconds, retry_after, result)
+                    backoff = config.backoff_base_seconds, config.backoff_max_seconds
+                    self.finish(functools.partial(run.fail, str(exc), *backoff, retry_after, result))
                     return job, result, f"failed: {exc}"
+                passes += 1
                 # Pages at the end of the range that stayed empty are asked for again while that helps;
                 # a pass that gets no further (a delisted market) ends it.
-                if result.complete or result.stopped or job.cursor == cursor:
+                if result.complete or result.stopped or job.cursor == cursor or passes >= MAX_PASSES:
                     break
-            run.succeed(result, config.schedule_delay_seconds)
-            job.refresh_from_db()
+            self.finish(functools.partial(run.succeed, result, config.schedule_delay_seconds))
+            self.ride_out(job.refresh_from_db)
             return job, result, "stopped" if result.stopped else "done"
+        except DatabaseUnavailable as exc:
+            # The run stays open and the job leased: neither can change without the database.
+            self.gave_up_on_database.set()
+            return job, result, f"failed: {exc}"
         finally:
             connection.close()
+
+    def finish(self, release: Callable[[], object]) -> None:
+        """Release the job with its outcome, through an outage; a lease lost meanwhile is the new owner's."""
+        with contextlib.suppress(LeaseLost):
+            self.ride_out(release)
 
     # --- Signals and output -----------------------------------------------------------------------------
 
@@ -321,5 +388,11 @@ class Command(BaseCommand):
         )
         if self.stopping.is_set():
             self.stdout.write("Interrupted: run the same command again to continue from the saved cursors.")
+        if self.gave_up_on_database.is_set():
+            self.stdout.write(
+                f"Stopped: the database was unavailable longer than {self.max_outage:g} s (--max-outage). "
+                "Cursors are saved up to the last page stored; run the same command again once it is back: "
+                "it takes over this backfill's leases at once."
+            )
         if failures:
             raise CommandError(f"{len(failures)} job(s) did not complete: {', '.join(failures)} (see above).")

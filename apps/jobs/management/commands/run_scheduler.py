@@ -4,8 +4,13 @@ Any number of these processes, on any number of machines, share the work through
 claims use SELECT ... FOR UPDATE SKIP LOCKED with a lease, so a worker that dies only delays its jobs
 until the lease expires. The worker threads of one process share each claimed batch, and each has its
 own database connection.
+
+A database outage stalls the workers, never their jobs: claims, starts and releases are retried
+(`apps.jobs.outages.ride_out`) until the database answers, so every claimed job is run or released as
+soon as it is back, and the process logs one line when the database goes and one when it returns.
 """
 
+import contextlib
 import itertools
 import logging
 import os
@@ -24,6 +29,15 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from apps.connectors.exchanges import PermanentExchangeError
 from apps.jobs.models import Job, LeaseLost, Run
+from apps.jobs.outages import (
+    DatabaseUnavailable,
+    database_answers,
+    describe,
+    is_database_error,
+    reset_connection,
+    ride_out,
+    wait_for_database,
+)
 from datacollector.config import get_config
 
 logger = logging.getLogger("apps.jobs.scheduler")
@@ -85,8 +99,28 @@ class Scheduler:
                 # lease expired and that this same process reclaims is then told apart from the
                 # stale claim, whose heartbeat and release must fail.
                 owner = f"{self.worker_id}/{next(self._claims)}"
-                self._queue.extend(Job.objects.claim(owner, self.batch_size, self.lease_seconds))
+                self._queue.extend(self._claim(owner))
             return self._queue.popleft() if self._queue else None
+
+    def _claim(self, owner: str) -> list[Run]:
+        """Claim a batch for `owner`, through a database outage (none when stopped meanwhile)."""
+        attempts = 0
+
+        def claim() -> list[Run]:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                # An earlier attempt may have committed before its answer was lost with the connection:
+                # its jobs are leased to `owner`, so carry on with them rather than leave them to expire.
+                held = Run.objects.held_by(owner)
+                if held:
+                    return held
+            return Job.objects.claim(owner, self.batch_size, self.lease_seconds)
+
+        try:
+            return ride_out(claim, stopping=self.stopping)
+        except DatabaseUnavailable:
+            return []
 
     def process_one(self) -> bool:
         """Run one due job; False when nothing is due."""
@@ -109,7 +143,8 @@ class Scheduler:
     def release_unstarted(self, runs: list[Run]) -> None:
         for run in runs:
             try:
-                run.release_unstarted()
+                # Through an outage too: a job given back is due again for any worker at once.
+                ride_out(run.release_unstarted)
             except Exception:
                 # Not fatal: the lease expires and another worker takes the job anyway.
                 logger.exception("could not release job %s on shutdown", run.job_id, extra={"job_id": run.job_id})
@@ -118,11 +153,17 @@ class Scheduler:
         """A worker thread's loop, until stopped (or, with `once`, until nothing is due)."""
         try:
             while not self.stopping.is_set():
-                close_old_connections()
                 try:
+                    close_old_connections()
                     found = self.process_one()
-                except Exception:
-                    # The database went away or similar: log, wait, try again; never spin.
+                except Exception as exc:
+                    if is_database_error(exc) and not database_answers():
+                        # A step that does not ride out outages itself met one: wait for the database
+                        # (logged once per process by `availability`), not a traceback per second.
+                        with contextlib.suppress(DatabaseUnavailable):
+                            wait_for_database(stopping=self.stopping)
+                        continue
+                    # Never spin on a bug: log, wait, try again.
                     logger.exception("scheduler step failed", extra={"worker": self.worker_id})
                     self.stopping.wait(self.interval)
                     continue
@@ -144,7 +185,11 @@ class Scheduler:
         self._last_reap = time.monotonic()
         try:
             closed = Run.objects.close_orphaned()
-        except Exception:
+        except Exception as exc:
+            if is_database_error(exc):
+                # The next claim meets the outage and waits for the database; this can wait half a lease.
+                reset_connection()
+                return
             logger.exception("closing orphaned runs failed", extra={"worker": self.worker_id})
             return
         if closed:
@@ -157,7 +202,9 @@ class Scheduler:
         result: Any = None
         error = ""
         try:
-            run.begin(self.lease_seconds)
+            # The run is ours until released: through an outage it is started (or found lost) once the
+            # database is back, never left to its lease.
+            ride_out(lambda: run.begin(self.lease_seconds))
         except LeaseLost:
             # It waited behind its batch longer than the lease and was reclaimed: not ours any more.
             self._log(run, "lease_lost", result, started, "lease lost before start")
@@ -175,8 +222,14 @@ class Scheduler:
             partial = getattr(exc, "result", None)
             self._record(lambda: run.fail_permanently(error, partial))
         except Exception as exc:
-            outcome, error = "failed", f"{type(exc).__name__}: {exc}"
-            logger.exception("job %s failed", job.pk, extra={"job_id": job.pk, "worker": run.worker})
+            if is_database_error(exc):
+                # The database, not the exchange, failed: the outage is logged once per process, and the
+                # run is released (failed, retried after the usual backoff) as soon as the database is back.
+                outcome, error = "failed", f"database error: {describe(exc)}"
+                reset_connection()
+            else:
+                outcome, error = "failed", f"{type(exc).__name__}: {exc}"
+                logger.exception("job %s failed", job.pk, extra={"job_id": job.pk, "worker": run.worker})
             retry_after = getattr(exc, "retry_after", None)
             partial = getattr(exc, "result", None)
             self._record(
@@ -203,7 +256,8 @@ class Scheduler:
 
     def _record(self, release: Callable[[], Any]) -> None:
         try:
-            release()
+            # Releases are idempotent, so one whose answer the outage swallowed is safely tried again.
+            ride_out(release)
         except LeaseLost as exc:
             # Our lease expired and another worker reclaimed the job; it owns the outcome now.
             logger.warning("%s", exc, extra={"worker": self.worker_id})
