@@ -10,6 +10,8 @@ from apps.jobs.urls import router as jobs_router
 from apps.ratelimits.urls import router as ratelimits_router
 from datacollector.views import obtain_token
 
+handler404 = "datacollector.views.not_found"
+
 admin.site.site_header = "Data Collector"
 admin.site.site_title = "Data Collector admin"
 admin.site.index_title = "Connectors, jobs, runs and rate limits"

@@ -1,5 +1,7 @@
 """Project-level API views that belong to no app."""
 
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.exceptions import Throttled, ValidationError
 from rest_framework.request import Request
@@ -34,3 +36,11 @@ class ObtainTokenView(ObtainAuthToken):
 
 
 obtain_token = ObtainTokenView.as_view()
+
+
+def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """Django's 404 for a URL that no route matches (handler404): under /api/, JSON like every other API
+    answer (`/api/v1/jobs/1.5/` is such a URL: ids are digits); elsewhere, Django's page."""
+    if request.path.startswith("/api/"):
+        return JsonResponse({"detail": "Not found."}, status=404)
+    return defaults.page_not_found(request, exception)

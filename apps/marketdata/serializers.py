@@ -10,7 +10,7 @@ import csv
 import io
 import re
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
@@ -26,38 +26,50 @@ MAX_LIMIT = 10_000
 
 _EPOCH_MS_RE = re.compile(r"^[0-9]+$")
 
+# The range of a time parameter: the epoch (no candle is older) to the last millisecond of year 9999,
+# the last that Python's datetime, and so every time the API writes out, can hold.
+MIN_TIME_MS = 0
+MAX_TIME_MS = 253_402_300_799_999
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_TIME_RANGE = f"from 1970-01-01T00:00:00Z (0) to 9999-12-31T23:59:59.999Z ({MAX_TIME_MS})"
 
-def parse_time_ms(value: str) -> int:
+
+def parse_time_ms(value: str, name: str = "time") -> int:
     """UTC milliseconds from epoch milliseconds (digits only) or an ISO 8601 date or datetime.
 
     A date means its 00:00 UTC; a datetime without an offset is taken as UTC; one with an offset is
-    converted. Raises ValueError with a message fit for the user.
+    converted. Raises ValueError with a message fit for the user, naming the parameter `name`.
     """
     value = str(value).strip()
+    shown = repr(value if len(value) <= 40 else f"{value[:37]}...")
     if _EPOCH_MS_RE.match(value):
-        return int(value)
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        hint = ""
-        if re.search(r"\d \d{2}:?\d{2}$", value):
-            # A "+02:00" offset typed into a URL arrives as " 02:00": "+" means a space in a query string.
-            hint = " (write a '+' offset as %2B in a URL, or use Z)"
-        raise ValueError(
-            f"{value!r} is not a date: use epoch milliseconds (1704067200000) or ISO 8601 in UTC "
-            f"(2024-01-01 or 2024-01-01T00:00:00Z){hint}."
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    ms = int(moment.timestamp() * 1000)
-    if ms < 0:
-        raise ValueError(f"{value!r} is before 1970-01-01, where no candle can be.")
+        # More digits than the largest accepted value has are out of range, however many there are.
+        ms = int(value) if len(value) <= len(str(MAX_TIME_MS)) else MAX_TIME_MS + 1
+    else:
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            hint = ""
+            if re.search(r"\d \d{2}:?\d{2}$", value):
+                # A "+02:00" offset typed into a URL arrives as " 02:00": "+" means a space in a query string.
+                hint = " (write a '+' offset as %2B in a URL, or use Z)"
+            raise ValueError(
+                f"{name} {shown} is not a date: use epoch milliseconds (1704067200000) or ISO 8601 in UTC "
+                f"(2024-01-01 or 2024-01-01T00:00:00Z){hint}."
+            ) from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        ms = int(moment.timestamp() * 1000)
+    if ms < MIN_TIME_MS:
+        raise ValueError(f"{name} {shown} is before 1970-01-01, where no candle can be: use a time {_TIME_RANGE}.")
+    if ms > MAX_TIME_MS:
+        raise ValueError(f"{name} {shown} is after year 9999: use a time {_TIME_RANGE}.")
     return ms
 
 
 def format_time(ts: int) -> str:
     """ISO 8601 UTC of a ms timestamp: 2024-01-01T00:00:00Z (milliseconds shown only when present)."""
-    moment = datetime.fromtimestamp(ts / 1000, tz=UTC)
+    moment = _EPOCH + timedelta(milliseconds=ts)  # Exact, unlike float seconds near year 9999.
     return moment.isoformat(timespec="seconds" if ts % 1000 == 0 else "milliseconds").replace("+00:00", "Z")
 
 
@@ -67,7 +79,7 @@ class TimestampField(serializers.Field):
 
     def to_internal_value(self, data: object) -> int:
         try:
-            return parse_time_ms(str(data))
+            return parse_time_ms(str(data), self.field_name)
         except ValueError as error:
             raise serializers.ValidationError(str(error)) from None
 

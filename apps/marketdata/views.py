@@ -6,7 +6,9 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from pymongo.errors import PyMongoError
 from rest_framework.decorators import api_view, permission_classes, renderer_classes
-from rest_framework.renderers import BrowsableAPIRenderer, JSONRenderer
+from rest_framework.exceptions import ValidationError
+from rest_framework.negotiation import DefaultContentNegotiation
+from rest_framework.renderers import BaseRenderer, BrowsableAPIRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -21,6 +23,7 @@ from apps.marketdata.serializers import (
     format_time,
 )
 from datacollector.permissions import requires
+from datacollector.schema import ErrorSerializer
 
 CANDLE_COLUMNS = ["ts", "time", "open", "high", "low", "close", "volume"]
 
@@ -34,16 +37,31 @@ def store_unavailable(error: Exception) -> Response:
     return Response({"detail": "The candle store (MongoDB) is unavailable; retry later."}, status=503)
 
 
+class SeriesNegotiation(DefaultContentNegotiation):
+    """DRF's negotiation, except that an unknown `?format=` is a 400 naming the parameter, not a 404."""
+
+    def filter_renderers(self, renderers: list[BaseRenderer], format: str) -> list[BaseRenderer]:
+        offered = [renderer for renderer in renderers if renderer.format == format]
+        if not offered:
+            raise ValidationError({"format": [f"format {format!r} is not offered: use json or csv."]})
+        return offered
+
+
 def series_endpoint(view):
     """A GET endpoint over one stored series: JSON pages, the browsable API, or streamed CSV."""
     view = renderer_classes([JSONRenderer, BrowsableAPIRenderer, CSVRenderer])(view)
     view = api_view(["GET"])(view)
+    view.cls.content_negotiation_class = SeriesNegotiation
     return extend_schema(
         parameters=[
             SeriesQuerySerializer,
             OpenApiParameter("format", OpenApiTypes.STR, enum=["json", "csv"], description="csv streams every row."),
         ],
-        responses={(200, "application/json"): OpenApiTypes.OBJECT, (200, "text/csv"): OpenApiTypes.STR},
+        responses={
+            (200, "application/json"): OpenApiTypes.OBJECT,
+            (200, "text/csv"): OpenApiTypes.STR,
+            (503, "application/json"): ErrorSerializer,
+        },
     )(view)
 
 

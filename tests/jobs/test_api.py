@@ -386,6 +386,14 @@ def test_pages_beyond_any_count_are_a_404(api_client, job) -> None:
     assert response.data == {"detail": "Invalid page."}
 
 
+@pytest.mark.parametrize("path", ["/api/v1/jobs/1.5e-3/", "/api/v1/jobs/a%2Fb/", "/api/v1/runs/-1/pause/"])
+def test_an_api_url_that_matches_no_route_is_a_json_404(api_client, job, path) -> None:
+    response = api_client.get(path)
+
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Not found."}
+
+
 def test_a_running_run_has_a_null_duration(api_client, job) -> None:
     Run.objects.create(job=job, worker="w1")
 
