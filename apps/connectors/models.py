@@ -81,9 +81,30 @@ def credential_paths(options: object) -> list[str]:
     return found
 
 
+def nul_path(options: object) -> str | None:
+    """The first path in `options` whose key or text holds a NUL character, which PostgreSQL's jsonb refuses."""
+    stack: list[tuple[str, Any]] = [("options", options)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, child in value.items():
+                if "\x00" in str(key):
+                    return f"{path}.{key!r}"
+                stack.append((f"{path}.{key}", child))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{index}]", child) for index, child in enumerate(value))
+        elif isinstance(value, str) and "\x00" in value:
+            return path
+    return None
+
+
 def validate_options(value: object) -> None:
     if not isinstance(value, dict):
         raise ValidationError("options must be a JSON object (the keyword arguments of the ccxt exchange constructor).")
+    if (path := nul_path(value)) is not None:
+        raise ValidationError(
+            f"options must not contain NUL characters (\\u0000), the database cannot store them: {path}."
+        )
     paths = credential_paths(value)
     if paths:
         raise ValidationError(

@@ -13,6 +13,7 @@ from rest_framework.views import APIView
 from apps.connectors.exchanges import known_exchange_ids, offline_timeframes
 from apps.connectors.models import Connector, validate_exchange_id
 from apps.connectors.serializers import ConnectorSerializer
+from datacollector.filters import SearchFilter
 from datacollector.permissions import requires
 
 
@@ -21,7 +22,7 @@ class ConnectorViewSet(viewsets.ModelViewSet):
 
     queryset = Connector.objects.annotate(job_count=Count("jobs")).order_by("exchange_id")
     serializer_class = ConnectorSerializer
-    filter_backends = [DjangoFilterBackend, filters.SearchFilter, filters.OrderingFilter]
+    filter_backends = [DjangoFilterBackend, SearchFilter, filters.OrderingFilter]
     filterset_fields = ["exchange_id", "enabled"]
     search_fields = ["exchange_id", "name"]
     ordering_fields = ["exchange_id", "name", "enabled", "created_at", "updated_at"]

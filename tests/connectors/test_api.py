@@ -55,6 +55,29 @@ def test_options_that_are_not_a_json_object_are_a_400(api_client, db, options) -
     assert "options must be a JSON object" in str(response.data["options"])
 
 
+@pytest.mark.parametrize(
+    ("options", "path"),
+    [
+        ({"timeout": "1\x00"}, "options.timeout"),
+        ({"urls": {"api": ["https://a", "b\x00"]}}, "options.urls.api[1]"),
+        ({"a\x00": 1}, "options.'a\\x00'"),
+    ],
+)
+def test_nul_characters_in_options_are_a_400_naming_where(api_client, db, options, path) -> None:
+    # PostgreSQL's jsonb cannot store NUL, in a key or a text: refused before the insert fails.
+    response = api_client.post("/api/v1/connectors/", {"exchange_id": "binance", "options": options}, format="json")
+
+    assert response.status_code == 400
+    assert f"NUL characters (\\u0000), the database cannot store them: {path}." in " ".join(response.data["options"])
+
+
+def test_a_nul_character_in_a_search_is_a_400_naming_search(api_client, binance) -> None:
+    response = api_client.get("/api/v1/connectors/", {"search": "bin\x00"})
+
+    assert response.status_code == 400
+    assert list(response.data) == ["search"]
+
+
 def test_credentials_in_options_are_refused(api_client, db) -> None:
     response = api_client.post(
         "/api/v1/connectors/", {"exchange_id": "binance", "options": {"apiKey": "abc", "secret": "s"}}, format="json"
