@@ -105,7 +105,9 @@ AXES_COOLOFF_TIME = timedelta(minutes=env.float("AXES_COOLOFF_MINUTES", default=
 AXES_LOCKOUT_PARAMETERS = ["ip_address", "username"]
 # An attempt during the lockout is refused without restarting the cool-off, so Retry-After holds.
 AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
-AXES_RESET_ON_SUCCESS = True
+# A success does not wipe the failures: axes would delete every failure from that address or for that
+# username, so a guesser with an account of their own could reset the count between guesses.
+AXES_RESET_ON_SUCCESS = False
 AXES_LOCKOUT_CALLABLE = "datacollector.throttling.lockout_response"
 AXES_CLIENT_IP_CALLABLE = "datacollector.throttling.client_ip"
 

@@ -206,6 +206,19 @@ def test_one_client_guessing_many_usernames_is_locked_out(staff, lockout) -> Non
     assert admin_login("boss", "boss-password-1", ip="10.0.4.2").status_code == 302
 
 
+def test_logging_in_to_an_own_account_does_not_reset_the_count(staff, robot, lockout) -> None:
+    admin_login("boss", "wrong", ip="10.0.6.1")
+    admin_login("boss", "wrong", ip="10.0.6.1")
+    # The browsable API's login logs in (the token endpoint does not), which is what axes resets on.
+    own_login = Client(REMOTE_ADDR="10.0.6.1").post(
+        "/api/auth/login/", {"username": "robot", "password": "robot-password-1"}
+    )
+    assert own_login.status_code == 302
+
+    assert_throttled(admin_login("boss", "wrong", ip="10.0.6.1"))
+    assert_throttled(admin_login("boss", "boss-password-1", ip="10.0.6.1"))
+
+
 def test_the_token_endpoint_and_the_admin_count_the_same_failures(staff, lockout) -> None:
     token_request("boss", "wrong", ip="10.0.5.1")
     token_request("boss", "wrong", ip="10.0.5.2")
