@@ -33,6 +33,7 @@ def test_a_minimal_file_gets_the_defaults(tmp_path) -> None:
     config = load_config(write(tmp_path, VALID))
 
     assert config.scheduler.lease_seconds > 0
+    assert config.collection.database_outage_seconds == 300.0
     assert config.rate_limits["default"].refill_per_second == 20.0
 
 
@@ -55,6 +56,8 @@ def test_bad_yaml_is_reported_with_the_file(tmp_path) -> None:
         (VALID + "scheduler: {workers: true}\n", "scheduler.workers: expected an integer, got True"),
         (VALID + "scheduler: {workers: 0}\n", "scheduler.workers: must be greater than 0"),
         (VALID + "scheduler: {backoff_base_seconds: -1}\n", "scheduler.backoff_base_seconds: must not be negative"),
+        (VALID + "collection: {database_outage_seconds: -5}\n", "collection.database_outage_seconds: must not be"),
+        (VALID + "collection: {database_outage_seconds: soon}\n", "collection.database_outage_seconds: expected a num"),
         (VALID + "indicators: {rsi: 14}\n", "indicators.rsi: expected a list of integers"),
         (VALID + "indicators: {rsi: [0]}\n", "indicators.rsi[0]: must be greater than 0"),
         (VALID + "indicators: {bollinger: [{std: 0}]}\n", "indicators.bollinger[0].std: must be greater than 0"),

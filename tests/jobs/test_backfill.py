@@ -8,21 +8,23 @@ subprocess and interrupts it with SIGINT.
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import time_machine
 from django.core.management import CommandError, call_command
 from django.db import connection
+from django.utils import timezone
 
 from apps.connectors import exchanges
 from apps.connectors.exchanges import SimulatedClient
 from apps.connectors.models import Connector
-from apps.jobs.collect import datetime_to_ms
+from apps.jobs.collect import backfill_owner, claim_for_backfill, datetime_to_ms
 from apps.jobs.management.commands.backfill import parse_when
 from apps.jobs.models import Job, Run
 from apps.marketdata import store
@@ -189,3 +191,65 @@ def test_ctrl_c_stops_after_the_current_page_and_a_second_run_continues():
     first_run, second_run = Run.objects.order_by("started_at")
     assert first_run.candles_written + second_run.candles_written == len(rows)  # continued, not restarted
     assert "(cursor " in result.stdout
+
+
+def test_a_negative_max_outage_is_refused(simulated):
+    with pytest.raises(CommandError, match="--max-outage must be 0 or more, got -1"):
+        backfill("--exchange", "simulated", "--symbol", "BTC/USDT", "--timeframe", "1h", "--since", "2024-01-01",
+                 "--max-outage", "-1")  # fmt: skip
+
+
+def leased_job(connector: Connector, owner: str) -> tuple[Job, Run]:
+    job = Job.objects.create(connector=connector, symbol="BTC/USDT", timeframe="1h")
+    Job.objects.filter(pk=job.pk).update(lease_owner=owner, lease_expires_at=timezone.now() + timedelta(hours=1))
+    return job, Run.objects.create(job=job, worker=owner)
+
+
+def test_the_lease_of_a_dead_backfill_of_this_host_is_taken_over_at_once(simulated):
+    dead = subprocess.Popen(["true"])  # a process that surely no longer runs once waited for
+    dead.wait()
+    job, left_open = leased_job(simulated, f"backfill:{socket.gethostname()}:{dead.pid}:0")
+
+    run = claim_for_backfill(job, backfill_owner(0), lease_seconds=600)
+
+    assert run is not None
+    assert run.worker == backfill_owner(0)
+    job.refresh_from_db()
+    assert job.lease_owner == backfill_owner(0)
+    left_open.refresh_from_db()
+    assert (left_open.status, left_open.error) == (Run.Status.FAILED, Run.LEASE_EXPIRED)
+
+
+@pytest.mark.parametrize(
+    "owner",
+    [
+        pytest.param("backfill:{host}:{live}:0", id="a live backfill of this host"),
+        pytest.param("backfill:elsewhere:{dead}:0", id="a backfill of another host"),
+        pytest.param("scheduler-1:42/7", id="a scheduler"),
+    ],
+)
+def test_a_lease_whose_holder_may_still_run_is_left_alone(simulated, owner):
+    live = subprocess.Popen(["sleep", "30"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        holder = owner.format(host=socket.gethostname(), live=live.pid, dead=dead.pid)
+        job, _ = leased_job(simulated, holder)
+        assert claim_for_backfill(job, backfill_owner(0), lease_seconds=600) is None
+    finally:
+        live.kill()
+        live.wait()
+    job.refresh_from_db()
+    assert job.lease_owner == holder
+
+
+def test_claiming_again_after_a_lost_answer_returns_the_run_already_open(simulated):
+    job = Job.objects.create(connector=simulated, symbol="BTC/USDT", timeframe="1h")
+    first = claim_for_backfill(job, backfill_owner(0), lease_seconds=600)
+
+    again = claim_for_backfill(job, backfill_owner(0), lease_seconds=600)
+
+    assert again is not None
+    assert again.pk == first.pk
+    assert Run.objects.filter(job=job).count() == 1
+    assert again.status == Run.Status.RUNNING

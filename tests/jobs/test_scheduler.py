@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import time_machine
+from django.db import OperationalError
 
 from apps.connectors.models import Connector
 from apps.jobs import models as job_models
@@ -312,3 +313,42 @@ def test_workers_of_one_process_share_a_claimed_batch(connector):
         worker.join(timeout=60)
     assert list(Run.objects.values_list("status", flat=True)) == [Run.Status.SUCCESS] * 2
     assert Run.objects.values("worker").distinct().count() == 1  # one claim, two workers
+
+
+def test_a_release_retried_after_it_landed_is_not_applied_twice(release_path, job):
+    # A retry after a database outage cannot know whether its first attempt committed.
+    with time_machine.travel(NOW, tick=False) as traveller:
+        (run,) = Job.objects.claim("a:1/0", 10, lease_seconds=60)
+        first = run.fail("boom", 5.0, 900.0)
+        traveller.shift(1)
+        run.fail("boom", 5.0, 900.0)
+    job.refresh_from_db()
+    assert (job.consecutive_failures, job.next_run_at, job.lease_owner) == (1, first, "")
+    run.refresh_from_db()
+    assert (run.status, run.error) == (Run.Status.FAILED, "boom")
+
+
+@pytest.mark.django_db(transaction=True)  # ride_out drops the connection between attempts
+def test_a_claim_whose_answer_was_lost_is_carried_on_with(connector, monkeypatch):
+    jobs = [
+        Job.objects.create(connector=connector, symbol=f"S{i}/USDT", timeframe="1m", next_run_at=NOW) for i in range(3)
+    ]
+    real_claim = job_models.JobQuerySet.claim
+    attempts = []
+
+    def claim_then_lose_the_answer(self, *args, **kwargs):
+        # Stands in for a connection dropped between the claim's commit and its answer, which no
+        # in-process test can produce on demand (tests/jobs/test_database_outage.py stops a real server).
+        attempts.append(args)
+        runs = real_claim(self, *args, **kwargs)
+        if len(attempts) == 1:
+            raise OperationalError("server closed the connection unexpectedly")
+        return runs
+
+    monkeypatch.setattr(job_models.JobQuerySet, "claim", claim_then_lose_the_answer)
+    scheduler = make_scheduler(standins.instant, batch_size=3)
+    with time_machine.travel(NOW, tick=False):
+        claimed = scheduler._claim("a:1/0")
+    assert sorted(run.job_id for run in claimed) == [job.pk for job in jobs]
+    assert len(attempts) == 1  # the retry found the committed claim instead of claiming again
+    assert Run.objects.count() == 3
