@@ -4,7 +4,7 @@ import django_filters
 from django.core.exceptions import ValidationError
 from django_filters.fields import IsoDateTimeField
 from django_filters.rest_framework import DjangoFilterBackend
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiExample, extend_schema, extend_schema_view
 from rest_framework import filters, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
@@ -23,6 +23,20 @@ class JobFilter(django_filters.FilterSet):
         fields = ["exchange_id", "symbol", "timeframe", "status", "connector"]
 
 
+@extend_schema_view(
+    create=extend_schema(
+        examples=[
+            OpenApiExample(
+                "A series with history",
+                value={"exchange_id": "simulated", "symbol": "ETH/USDT", "timeframe": "1h", "since": "2024-01-01"},
+                request_only=True,
+            )
+        ]
+    ),
+    partial_update=extend_schema(
+        examples=[OpenApiExample("Pause", value={"status": "paused"}, request_only=True)],
+    ),
+)
 class JobViewSet(viewsets.ModelViewSet):
     """Collection jobs: one per series (exchange, symbol, timeframe)."""
 
@@ -66,8 +80,19 @@ class JobViewSet(viewsets.ModelViewSet):
         job.run_now()
         return Response(self.get_serializer(job).data)
 
-    @extend_schema(request=BulkJobSerializer, responses={201: JobSerializer(many=True)})
-    @action(detail=False, methods=["post"])
+    @extend_schema(
+        request=BulkJobSerializer,
+        responses={201: JobSerializer(many=True)},
+        examples=[
+            OpenApiExample(
+                "Two symbols on two timeframes",
+                value={"exchange_id": "simulated", "symbols": ["ETH/USDT", "SOL/USDT"], "timeframes": ["1m", "1h"]},
+                request_only=True,
+            )
+        ],
+    )
+    # Not a list: no filters, search or paging apply to it (nor appear in its schema).
+    @action(detail=False, methods=["post"], filter_backends=[], pagination_class=None)
     def bulk(self, request: Request) -> Response:
         """Create symbols x timeframes of one exchange in one transaction: all of them or none."""
         serializer = BulkJobSerializer(data=request.data, context=self.get_serializer_context())

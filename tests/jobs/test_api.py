@@ -394,6 +394,16 @@ def test_an_api_url_that_matches_no_route_is_a_json_404(api_client, job, path) -
     assert response.json() == {"detail": "Not found."}
 
 
+def test_the_schema_documents_bulk_as_a_plain_list_without_list_filters(api_client, db) -> None:
+    schema = api_client.get("/api/schema/", {"format": "json"}).json()
+
+    bulk = schema["paths"]["/api/v1/jobs/bulk/"]["post"]
+    assert bulk["responses"]["201"]["content"]["application/json"]["schema"]["type"] == "array"
+    assert "parameters" not in bulk
+    duration = schema["components"]["schemas"]["Run"]["properties"]["duration"]
+    assert duration["nullable"] is True
+
+
 def test_a_running_run_has_a_null_duration(api_client, job) -> None:
     Run.objects.create(job=job, worker="w1")
 
