@@ -79,6 +79,9 @@ class DatabaseAvailability:
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self._error = ""
+        # Outages seen so far, and when (time.monotonic()) the last one was noticed.
+        self.outages = 0
+        self.last_outage_at: float | None = None
 
     @property
     def down(self) -> bool:
@@ -99,6 +102,8 @@ class DatabaseAvailability:
                 return
             self._down_since = time.monotonic()
             self._error = describe(exc)
+            self.outages += 1
+            self.last_outage_at = self._down_since
         # No traceback: the error says all an operator needs, and every thread of every worker meets it.
         logger.error("database unavailable: %s", self._error, extra={"error": self._error})
 

@@ -10,6 +10,7 @@ from django.db import OperationalError
 
 from apps.connectors.models import Connector
 from apps.jobs import models as job_models
+from apps.jobs import outages
 from apps.jobs.management.commands.run_scheduler import Scheduler
 from apps.jobs.models import Job, LeaseLost, Run, backoff_seconds, next_candle_close
 from tests.jobs import standins
@@ -352,3 +353,27 @@ def test_a_claim_whose_answer_was_lost_is_carried_on_with(connector, monkeypatch
     assert sorted(run.job_id for run in claimed) == [job.pk for job in jobs]
     assert len(attempts) == 1  # the retry found the committed claim instead of claiming again
     assert Run.objects.count() == 3
+
+
+def test_releases_a_database_crash_forgot_are_applied_again_once_it_is_back(release_path, connector):
+    for i in range(2):
+        Job.objects.create(connector=connector, symbol=f"S{i}/USDT", timeframe="1m", next_run_at=NOW)
+    scheduler = make_scheduler(standins.instant, batch_size=1)
+    with time_machine.travel(NOW, tick=False):
+        assert scheduler.process_one()
+        assert scheduler.process_one()
+    forgotten, kept = Run.objects.order_by("pk")
+    # What a crash does to an asynchronously committed release (a real one: test_database_outage.py):
+    # the job is still leased to the claim and its run still running.
+    Job.objects.filter(pk=forgotten.job_id).update(lease_owner=forgotten.worker, lease_expires_at=NOW)
+    Run.objects.filter(pk=forgotten.pk).update(status=Run.Status.RUNNING, finished_at=None)
+    outages.availability.unavailable(OperationalError("the server crashed"))
+    outages.availability.available()
+
+    scheduler.replay_releases_after_outage()
+
+    assert not Job.objects.exclude(lease_owner="").exists()
+    assert list(Run.objects.order_by("pk").values_list("status", flat=True)) == [Run.Status.SUCCESS] * 2
+    assert set(Job.objects.values_list("consecutive_failures", flat=True)) == {0}
+    scheduler.replay_releases_after_outage()  # once per outage
+    assert Run.objects.get(pk=kept.pk).status == Run.Status.SUCCESS

@@ -31,6 +31,7 @@ from apps.connectors.exchanges import PermanentExchangeError
 from apps.jobs.models import Job, LeaseLost, Run
 from apps.jobs.outages import (
     DatabaseUnavailable,
+    availability,
     database_answers,
     describe,
     is_database_error,
@@ -54,6 +55,12 @@ RUN_SECONDS = Histogram(
 BUSY = Gauge("dc_scheduler_busy_workers", "Worker threads of this process running a job right now.")
 
 Collector = Callable[[Job, Run, Callable[[], None]], Any]
+
+# Releases commit asynchronously (`Run._release_in_one_statement`), so a database crash forgets those of
+# the last moments (up to three WAL writer delays, 600 ms by default) and their jobs would wait for their
+# leases. Releases this recent when an outage is noticed are applied again once it is over: applying a
+# release twice changes nothing. Generous, because an idle worker notices an outage one poll late.
+REPLAY_RELEASES_SECONDS = 5.0
 
 
 class Scheduler:
@@ -90,6 +97,8 @@ class Scheduler:
         self._lock = threading.Lock()
         self._claims = itertools.count()
         self._last_reap = 0.0
+        self._recent_releases: deque[tuple[float, Callable[[], Any]]] = deque()
+        self._outages_seen = availability.outages
 
     def next_run(self) -> Run | None:
         """A claimed run to execute, claiming a new batch when none is left; None when nothing is due."""
@@ -155,6 +164,7 @@ class Scheduler:
             while not self.stopping.is_set():
                 try:
                     close_old_connections()
+                    self.replay_releases_after_outage()
                     found = self.process_one()
                 except Exception as exc:
                     if is_database_error(exc) and not database_answers():
@@ -261,6 +271,28 @@ class Scheduler:
         except LeaseLost as exc:
             # Our lease expired and another worker reclaimed the job; it owns the outcome now.
             logger.warning("%s", exc, extra={"worker": self.worker_id})
+            return
+        self.replay_releases_after_outage()
+        with self._lock:
+            now = time.monotonic()
+            self._recent_releases.append((now, release))
+            while self._recent_releases[0][0] < now - REPLAY_RELEASES_SECONDS:
+                self._recent_releases.popleft()
+
+    def replay_releases_after_outage(self) -> None:
+        """After an outage, apply again the releases made just before it (see REPLAY_RELEASES_SECONDS)."""
+        if availability.outages == self._outages_seen or availability.down:
+            return
+        with self._lock:
+            if availability.outages == self._outages_seen:
+                return
+            self._outages_seen = availability.outages
+            noticed = availability.last_outage_at or 0.0
+            replay = [release for at, release in self._recent_releases if at >= noticed - REPLAY_RELEASES_SECONDS]
+            self._recent_releases.clear()
+        for release in replay:
+            with contextlib.suppress(LeaseLost):
+                ride_out(release)
 
     def _log(self, run: Run, outcome: str, result: Any, started: float, error: str) -> None:
         job = run.job
