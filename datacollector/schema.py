@@ -2,10 +2,11 @@
 
 drf-spectacular documents only the success of an operation. A client (and schemathesis, which checks
 that every answer is documented) also needs the refusals: 400 with the field errors, 401/403 when the
-caller is not let in, 404 for an unknown object or page, 413/415 for a body too large or in another
-format, 429 when throttled. Each is added where it can happen, judged from what the view declares
-(parameters, body, permissions, throttles), and never over a response the view documents itself. 413
-comes from RequestBodyLimitMiddleware (datacollector/middleware.py), before any view.
+caller is not let in, 404 for an unknown object or page, 411/413/415 for a body sent chunked, too
+large or in another format, 429 when throttled. Each is added where it can happen, judged from what
+the view declares (parameters, body, permissions, throttles), and never over a response the view
+documents itself. 411 and 413 come from RequestBodyLimitMiddleware (datacollector/middleware.py),
+before any view.
 """
 
 from typing import Any
@@ -45,6 +46,7 @@ _DESCRIPTIONS = {
     401: "Not authenticated, or the credentials are wrong.",
     403: "Not authenticated, or not allowed to do this.",
     404: "No such object (or page).",
+    411: "A chunked body (Transfer-Encoding without Content-Length): send Content-Length.",
     413: "The body is larger than the limit (MAX_REQUEST_BODY_BYTES).",
     415: "The body's Content-Type is not one of those listed for the request.",
     429: "Too many requests: wait the seconds in the Retry-After header.",
@@ -78,7 +80,7 @@ class AutoSchema(openapi.AutoSchema):
         if "path" in locations or (self.method == "GET" and self._is_list_view() and self._get_paginator()):
             statuses.append(404)
         if has_body:
-            statuses += [413, 415]
+            statuses += [411, 413, 415]
         if self.view.get_throttles():
             statuses.append(429)
         return sorted(set(statuses))

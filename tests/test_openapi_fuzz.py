@@ -35,8 +35,6 @@ from apps.jobs.models import Job, Run
 from apps.marketdata import indicators, store
 from apps.ratelimits.models import RateLimit
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parents[1]
 MAX_EXAMPLES = int(os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "8"))
 # Far above what the sequences reach during a run, so that rows the fuzzer creates never take it.
@@ -202,6 +200,23 @@ def _node_id_for_schemathesis(request: pytest.FixtureRequest) -> None:
 
 
 @schema.parametrize()
+@pytest.mark.slow
 def test_no_input_gives_a_server_error_or_an_undocumented_answer(case, seeder: Seeder) -> None:
     seeder.before(case)
     case.call_and_validate()
+
+
+def test_the_schema_documents_the_errors_of_every_operation(api_client) -> None:
+    paths = api_client.get("/api/schema/", {"format": "json"}).json()["paths"]
+
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            documented = set(operation["responses"])
+            locations = {parameter["in"] for parameter in operation.get("parameters", [])}
+            assert "403" in documented, (method, path)
+            if "path" in locations:
+                assert "404" in documented, (method, path)
+            if "query" in locations or "requestBody" in operation:
+                assert "400" in documented, (method, path)
+            if "requestBody" in operation:
+                assert {"411", "413", "415"} <= documented, (method, path)
