@@ -100,6 +100,15 @@ def test_a_disabled_connector_is_refused(simulated):
         backfill("--exchange", "simulated", "--symbol", "BTC/USDT", "--timeframe", "1h", "--since", "2024-01-01")
 
 
+def test_a_connector_the_client_refuses_is_a_command_error(db):
+    # A row saved before credential names were checked (update() skips validation, as an old row never met it).
+    connector = Connector.objects.create(exchange_id="binance")
+    Connector.objects.filter(pk=connector.pk).update(api_key_env="DATABASE_URL")
+    with pytest.raises(CommandError, match=r"--exchange: the binance connector cannot be used: .*api_key_env must be"):
+        backfill("--exchange", "binance", "--symbol", "BTC/USDT", "--timeframe", "1h", "--since", "2024-01-01")
+    assert not Job.objects.exists()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_backfill_collects_every_series_through_jobs_and_runs():
     Connector.objects.create(exchange_id="simulated")

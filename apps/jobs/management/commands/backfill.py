@@ -214,7 +214,10 @@ class Command(BaseCommand):
                 raise CommandError(f"--symbol: {exc.messages[0]}") from None
 
         # The exchange has the last word on symbols and timeframes (one markets request).
-        client = get_client(connector)
+        try:
+            client = get_client(connector)
+        except ExchangeError as exc:
+            raise CommandError(f"--exchange: the {exchange_id} connector cannot be used: {exc}") from None
         try:
             markets = set(client.markets())
             offered = client.timeframes()
