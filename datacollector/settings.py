@@ -141,6 +141,12 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several scheduler workers share the file: wait for the write lock instead of failing at once,
     # and take it at BEGIN so a read-then-write transaction never deadlocks on lock upgrade.
     DATABASES["default"].setdefault("OPTIONS", {}).update({"timeout": 30, "transaction_mode": "IMMEDIATE"})
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # A database host that drops packets (rather than refusing them) would hold every reconnect during an
+    # outage for the TCP timeout (minutes); the scheduler's outage handling needs a prompt answer.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
+        "connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=5)
+    )
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=0)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -169,6 +175,7 @@ RESERVED_ENV_NAMES = frozenset(
         "CSRF_TRUSTED_ORIGINS",
         "DATABASE_URL",
         "CONN_MAX_AGE",
+        "DATABASE_CONNECT_TIMEOUT",
         "MONGODB_URI",
         "MONGODB_DATABASE",
         "COLLECTOR_CONFIG",
