@@ -1,4 +1,4 @@
-from datetime import UTC, datetime
+from datetime import datetime
 
 from django import forms
 from django.contrib import admin, messages
@@ -7,9 +7,9 @@ from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
 
-from apps.connectors.exchanges import is_valid_timeframe_syntax
 from apps.marketdata import charts, store
 from apps.marketdata.models import Gap
+from apps.marketdata.timeframes import is_valid_timeframe, ms_to_datetime, slot_count, timeframe_error
 
 # No Candle admin on purpose: the changelist counts the table on every page and offers to order and
 # filter by unindexed columns, which on millions of rows is a denial of service. The series overview
@@ -29,10 +29,8 @@ class SeriesChartForm(forms.Form):
 
     def clean_timeframe(self) -> str:
         timeframe = self.cleaned_data["timeframe"]
-        if not is_valid_timeframe_syntax(timeframe):
-            raise forms.ValidationError(
-                "Not a timeframe: a positive number followed by s, m, h, d, w, M or y (1m, 4h)."
-            )
+        if not is_valid_timeframe(timeframe):
+            raise forms.ValidationError(timeframe_error(timeframe))
         return timeframe
 
     def clean_candles(self) -> int:
@@ -40,7 +38,7 @@ class SeriesChartForm(forms.Form):
 
 
 def _time(ts: int | None) -> datetime | None:
-    return None if ts is None else datetime.fromtimestamp(ts / 1000, tz=UTC)
+    return None if ts is None else ms_to_datetime(ts)
 
 
 @admin.register(Gap)
@@ -132,7 +130,7 @@ class GapAdmin(admin.ModelAdmin):
         rows = []
         for series in store.list_series_coverage():
             key = (series.exchange_id, series.symbol, series.timeframe)
-            expected = store.slot_count(series.timeframe, series.first_ts, series.last_ts)
+            expected = slot_count(series.timeframe, series.first_ts, series.last_ts)
             rows.append(
                 {
                     "series": series,

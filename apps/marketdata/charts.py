@@ -7,9 +7,10 @@ an operator checking a series' completeness needs to see.
 
 import math
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from apps.marketdata import indicators, store
+from apps.marketdata.timeframes import ms_to_datetime, slot_after, slot_before
 
 WIDTH = 1100
 PRICE_HEIGHT = 380
@@ -80,13 +81,13 @@ def build_chart(exchange_id: str, symbol: str, timeframe: str, count: int) -> Ch
         return None
     start = last
     for _ in range(count - 1):
-        start = store.slot_before(timeframe, start)
+        start = slot_before(timeframe, start)
     rows = store.read_candles(exchange_id, symbol, timeframe, start_ts=start, end_ts=last)
     stored = dict(indicators.read_indicators(exchange_id, symbol, timeframe, start_ts=start, end_ts=last))
 
-    span = max(store.slot_after(timeframe, last) - start, 1)
+    span = max(slot_after(timeframe, last) - start, 1)
     plot_width = WIDTH - LEFT - RIGHT
-    slot_width = plot_width * (store.slot_after(timeframe, start) - start) / span
+    slot_width = plot_width * (slot_after(timeframe, start) - start) / span
 
     def x(ts: int) -> float:
         return LEFT + plot_width * (ts - start) / span + slot_width / 2
@@ -105,7 +106,7 @@ def build_chart(exchange_id: str, symbol: str, timeframe: str, count: int) -> Ch
     def y(price: float) -> float:
         return PRICE_HEIGHT * (high - price) / (high - low)
 
-    chart = Chart(first=datetime.fromtimestamp(start / 1000, UTC), last=datetime.fromtimestamp(last / 1000, UTC))
+    chart = Chart(first=ms_to_datetime(start), last=ms_to_datetime(last))
     body = max(slot_width * 0.7, 1.0)
     max_volume = max((row[5] for row in rows), default=0) or 1.0
     for ts, open_, high_, low_, close, volume in rows:
@@ -121,7 +122,7 @@ def build_chart(exchange_id: str, symbol: str, timeframe: str, count: int) -> Ch
                 "wick_top": round(y(high_), 2),
                 "wick_bottom": round(y(low_), 2),
                 "up": close >= open_,
-                "title": f"{datetime.fromtimestamp(ts / 1000, UTC):%Y-%m-%d %H:%M} O {open_:g} H {high_:g} "
+                "title": f"{ms_to_datetime(ts):%Y-%m-%d %H:%M} O {open_:g} H {high_:g} "
                 f"L {low_:g} C {close:g} V {volume:g}",
             }
         )
@@ -160,7 +161,7 @@ def build_chart(exchange_id: str, symbol: str, timeframe: str, count: int) -> Ch
     chart.price_ticks = [{"y": round(y(v), 2), "label": _label(v)} for v in _nice_ticks(low, high)]
     step = max(1, len(rows) // 6)
     chart.time_ticks = [
-        {"x": round(x(row[0]), 2), "label": f"{datetime.fromtimestamp(row[0] / 1000, UTC):%m-%d %H:%M}"}
+        {"x": round(x(row[0]), 2), "label": f"{ms_to_datetime(row[0]):%m-%d %H:%M}"}
         # Start half a step in, so the first label is not cut off at the left edge.
         for row in rows[step // 2 :: step]
     ]

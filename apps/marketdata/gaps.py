@@ -10,6 +10,7 @@ from django.db import transaction
 
 from apps.marketdata import store
 from apps.marketdata.models import Gap
+from apps.marketdata.timeframes import slot_after, slot_before, slot_count
 
 
 def _subtract(timeframe: str, ranges: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -24,9 +25,9 @@ def _subtract(timeframe: str, ranges: list[tuple[int, int]], holes: list[tuple[i
                     remaining.append((a, b))
                     continue
                 if a < hole_first:
-                    remaining.append((a, store.slot_before(timeframe, hole_first)))
+                    remaining.append((a, slot_before(timeframe, hole_first)))
                 if hole_last < b:
-                    remaining.append((store.slot_after(timeframe, hole_last), b))
+                    remaining.append((slot_after(timeframe, hole_last), b))
             pieces = remaining
         result.extend(pieces)
     return sorted(result)
@@ -78,7 +79,7 @@ def sync_gaps(
         open_gaps = {g.start_ts: g for g in current if g.status == Gap.Status.OPEN}
         Gap.objects.filter(pk__in=[g.pk for start, g in open_gaps.items() if start not in wanted]).delete()
         for first, last in wanted.items():
-            count = store.slot_count(timeframe, first, last)
+            count = slot_count(timeframe, first, last)
             gap = open_gaps.get(first)
             if gap is None:
                 Gap.objects.create(

@@ -19,7 +19,8 @@ from rest_framework.renderers import BaseRenderer
 from rest_framework.request import Request
 from rest_framework.utils.urls import replace_query_param
 
-from apps.connectors.exchanges import is_known_exchange, is_valid_timeframe_syntax
+from apps.connectors.exchanges import is_known_exchange
+from apps.marketdata.timeframes import datetime_to_ms, is_valid_timeframe, timeframe_error
 
 DEFAULT_LIMIT = 1_000
 MAX_LIMIT = 10_000
@@ -59,7 +60,7 @@ def parse_time_ms(value: str, name: str = "time") -> int:
             ) from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
-        ms = int(moment.timestamp() * 1000)
+        ms = datetime_to_ms(moment)
     if ms < MIN_TIME_MS:
         raise ValueError(f"{name} {shown} is before 1970-01-01, where no candle can be: use a time {_TIME_RANGE}.")
     if ms > MAX_TIME_MS:
@@ -116,11 +117,8 @@ class SeriesQuerySerializer(serializers.Serializer):
         return value
 
     def validate_timeframe(self, value: str) -> str:
-        if not is_valid_timeframe_syntax(value):
-            raise serializers.ValidationError(
-                f"Timeframe {value!r} is not well formed: a positive number followed by s, m, h, d, w, M or y "
-                "(e.g. 1m, 4h, 1d)."
-            )
+        if not is_valid_timeframe(value):
+            raise serializers.ValidationError(timeframe_error(value))
         return value
 
     def validate(self, attrs: dict) -> dict:

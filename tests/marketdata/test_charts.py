@@ -56,7 +56,7 @@ def test_defaults_to_300_slots_and_reports_an_empty_series(admin_client, sql_sto
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({**SERIES, "timeframe": "hourly"}, "timeframe: Not a timeframe"),
+        ({**SERIES, "timeframe": "hourly"}, "timeframe: Timeframe &#x27;hourly&#x27; is not well formed"),
         ({**SERIES, "candles": 5}, "candles: Ensure this value is greater than or equal to 10"),
         ({"exchange_id": "binance"}, "symbol: This field is required"),
     ],

@@ -13,9 +13,10 @@ import time
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
-from apps.connectors.exchanges import is_known_exchange, is_valid_timeframe_syntax
+from apps.connectors.exchanges import is_known_exchange
 from apps.marketdata import store
 from apps.marketdata.indicators import indicator_set, recompute_series
+from apps.marketdata.timeframes import is_valid_timeframe, timeframe_error
 from datacollector.config import ConfigError
 
 
@@ -65,11 +66,9 @@ class Command(BaseCommand):
         symbols, timeframes = _split(options["symbol"]), _split(options["timeframe"])
         if not is_known_exchange(exchange_id):
             raise CommandError(f"--exchange {exchange_id!r} is not a ccxt exchange id (e.g. binance) or simulated.")
-        bad = [t for t in timeframes if not is_valid_timeframe_syntax(t)]
+        bad = [t for t in timeframes if not is_valid_timeframe(t)]
         if bad:
-            raise CommandError(
-                f"--timeframe {bad[0]!r} is not well formed: a positive number and one of s m h d w M y (e.g. 1m, 4h)."
-            )
+            raise CommandError(f"--timeframe: {timeframe_error(bad[0])}")
         stored = [s for s in store.list_series_coverage() if s.exchange_id == exchange_id]
         if not stored:
             raise CommandError(f"--exchange {exchange_id!r} has no stored candles; nothing to recompute.")
