@@ -29,11 +29,11 @@ import ccxt
 import tenacity
 from django.conf import settings
 
+from apps.marketdata.timeframes import timeframe_ms
+
 SIMULATED = "simulated"
 
 SIMULATED_TIMEFRAMES = ("1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d", "1w")
-
-_TIMEFRAME_RE = re.compile(r"^[1-9][0-9]*[smhdwMy]$")
 
 # The connector fields naming credential variables, and the ccxt option each one fills.
 CREDENTIAL_ENV_FIELDS = {"api_key_env": "apiKey", "api_secret_env": "secret", "api_password_env": "password"}
@@ -101,15 +101,6 @@ def offline_timeframes(exchange_id: str) -> tuple[str, ...]:
         return SIMULATED_TIMEFRAMES
     exchange_class = getattr(ccxt, exchange_id)
     return tuple((exchange_class().timeframes or {}).keys())
-
-
-def is_valid_timeframe_syntax(timeframe: str) -> bool:
-    return bool(_TIMEFRAME_RE.match(timeframe))
-
-
-def timeframe_ms(timeframe: str) -> int:
-    """Length of one candle in milliseconds (a month counts as 31 days, as in ccxt)."""
-    return int(ccxt.Exchange.parse_timeframe(timeframe) * 1000)
 
 
 # --- Retry policy, circuit breaker, error classification -------------------------------------------

@@ -1,4 +1,4 @@
-from datetime import UTC, datetime
+from datetime import datetime
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
@@ -9,6 +9,7 @@ from django.utils.html import format_html
 from django.utils.text import Truncator
 
 from apps.jobs.models import Job, Run
+from apps.marketdata.timeframes import ms_to_datetime
 
 RECENT_RUNS = 20
 
@@ -49,7 +50,7 @@ class RecentRunInline(admin.TabularInline):
 
 
 def cursor_time(job: Job) -> datetime | None:
-    return None if job.cursor is None else datetime.fromtimestamp(job.cursor / 1000, tz=UTC)
+    return None if job.cursor is None else ms_to_datetime(job.cursor)
 
 
 @admin.register(Job)

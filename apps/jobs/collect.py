@@ -25,24 +25,20 @@ import dataclasses
 import functools
 import logging
 import math
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-from django.db import connections, transaction
+from django.db import connections
 from django.db.models import Q
-from django.utils import timezone
 
-from apps.connectors.exchanges import ExchangeClient, get_client, timeframe_ms
+from apps.connectors.exchanges import ExchangeClient, get_client
 from apps.jobs.models import Job, Run
 from apps.marketdata import store
 from apps.marketdata.indicators import update_indicators
+from apps.marketdata.timeframes import datetime_to_ms, ms_to_datetime, timeframe_ms
 from datacollector.config import get_config
 
 logger = logging.getLogger(__name__)
@@ -57,8 +53,6 @@ MAX_PAGES_PER_RUN = 200
 # The Run row's counters are refreshed at most this often while a job runs (the final values are
 # written by whoever finishes the run).
 RUN_PROGRESS_INTERVAL_SECONDS = 2.0
-# First part of a backfill's lease owners (`backfill_owner`).
-BACKFILL_OWNER_PREFIX = "backfill"
 
 Progress = Callable[[int, int], None]  # (slots covered, candles written) since the last call
 
@@ -97,12 +91,18 @@ class CollectResult:
         return total
 
 
-def ms_to_datetime(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+class CollectionFailed(Exception):
+    """A collection ended by `error` (also its `__cause__`); `result` is what it did before.
 
+    Pages stored before the error stay stored and the job's cursor says so; the result carries the
+    counts for the Run row and the backfill summary. Whoever handles the failure looks at `error`:
+    a lost lease, a permanent exchange error, a database error, anything else.
+    """
 
-def datetime_to_ms(value: datetime) -> int:
-    return int(value.timestamp() * 1000)
+    def __init__(self, result: CollectResult, error: Exception) -> None:
+        super().__init__(str(error) or type(error).__name__)
+        self.result = result
+        self.error = error
 
 
 def clean_rows(raw: Sequence[Any], start: int, end: int) -> tuple[list[list[float]], int]:
@@ -413,8 +413,9 @@ def collect_job(
 ) -> CollectResult:
     """Collect `job` up to its exchange's last closed candle (or `until_ms`, exclusive); see the module doc.
 
-    Raises `PermanentExchangeError` (the job cannot succeed as configured) or another exception
-    (transient: retry later). Pages stored before an error stay stored and the cursor says so.
+    Raises `CollectionFailed` with what was done and the error: `PermanentExchangeError` (the job cannot
+    succeed as configured) or another exception (transient: retry later). Pages stored before an error
+    stay stored and the cursor says so.
     `progress(slots, candles)` is called after each page; `stop`, once set, ends the run after the
     current page with `result.stopped`. After `max_pages` pages the run ends with `result.more`.
     `prefetch` (pages requested ahead, from as many helper threads) overlaps the requests with the
@@ -422,10 +423,16 @@ def collect_job(
     it (see `_Fetcher`). Helpers use their own database connections, so the job's rows must be
     committed (backfill).
     """
-    client = get_client(job.connector)
+    try:
+        client = get_client(job.connector)
+    except Exception as exc:
+        raise CollectionFailed(CollectResult(), exc) from exc
     collection = _Collection(job, run, client, heartbeat, progress, stop, max_pages, prefetch)
     try:
         return _collect(job, collection, client, until_ms)
+    except Exception as exc:
+        # The result is final here: `_collect` recorded gaps, indicators and counters on its way out.
+        raise CollectionFailed(collection.result, exc) from exc
     finally:
         collection.fetcher.close()
 
@@ -471,10 +478,6 @@ def _collect(job: Job, collection: _Collection, client: ExchangeClient, until_ms
         if start <= end and not (collection.result.stopped or collection.result.more):
             collection.page_range(start, end, move_cursor=True)
         failed = False
-    except Exception as exc:
-        # What the run did before failing, for the Run row and the backfill summary.
-        exc.result = collection.result  # type: ignore[attr-defined]
-        raise
     finally:
         # Even when the exchange failed half-way, what was stored gets its gaps recorded and indicators.
         result = collection.result
@@ -494,72 +497,3 @@ def _collect(job: Job, collection: _Collection, client: ExchangeClient, until_ms
     result.gaps_open = len(gaps_module.gaps_to_refetch(*series))
     result.complete = job.cursor is not None and job.cursor + step > end
     return result
-
-
-def backfill_owner(index: int) -> str:
-    """The lease owner of a backfill's `index`-th job: "backfill:<host>:<pid>:<index>"."""
-    return f"{BACKFILL_OWNER_PREFIX}:{socket.gethostname()}:{os.getpid()}:{index}"
-
-
-def left_by_dead_backfill(owner: str) -> bool:
-    """Whether the lease owner `owner` is a backfill process of this host that no longer runs.
-
-    Such a lease is safe to take over at once: its holder is gone for sure (a backfill that stopped on
-    a database outage could not release its leases). Anything else (another host's backfill, a
-    scheduler, a pid now used by a live process, this very process) is left to its lease.
-    """
-    parts = owner.split(":")
-    if len(parts) != 4 or parts[0] != BACKFILL_OWNER_PREFIX or parts[1] != socket.gethostname():
-        return False
-    try:
-        pid = int(parts[2])
-    except ValueError:
-        return False
-    return pid != os.getpid() and not _process_alive(pid)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    # A zombie has exited; only its parent has not collected its exit status yet.
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
-def claim_for_backfill(job: Job, worker: str, lease_seconds: float) -> Run | None:
-    """Lease `job` to a backfill worker and open its Run, unless a live worker holds it (then None).
-
-    The same lease the scheduler uses, so a running `run_scheduler` leaves the job alone meanwhile;
-    the job's status and schedule are not consulted: the operator asked for this collection. A lease
-    left by a dead backfill of this host is taken over at once. Claiming again with the same `worker`
-    returns the Run already open (an attempt whose answer a database outage swallowed).
-    """
-    now = timezone.now()
-    free = Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now) | Q(lease_owner=worker)
-    holder = Job.objects.filter(pk=job.pk).values_list("lease_owner", flat=True).first()
-    if holder and left_by_dead_backfill(holder):
-        # Guarded by the owner read: if anyone claimed the job since, the UPDATE below finds nothing.
-        free |= Q(lease_owner=holder)
-    with transaction.atomic():
-        taken = Job.objects.filter(free, pk=job.pk).update(
-            lease_owner=worker, lease_expires_at=now + timedelta(seconds=lease_seconds), last_run_at=now
-        )
-        if not taken:
-            return None
-        job.lease_owner, job.lease_expires_at = worker, now + timedelta(seconds=lease_seconds)
-        ours = Run.objects.filter(job=job, worker=worker, status=Run.Status.RUNNING).first()
-        if ours is not None:
-            return ours
-        # A run left open by a worker whose lease expired (or a dead backfill) is closed as failed, as a
-        # scheduler reclaim does.
-        Run.objects.filter(job=job, status=Run.Status.RUNNING).update(
-            status=Run.Status.FAILED, finished_at=now, error=Run.LEASE_EXPIRED
-        )
-        return Run.objects.create(job=job, worker=worker, started_at=now)

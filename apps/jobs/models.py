@@ -1,7 +1,10 @@
+import os
 import random
 import re
+import socket
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+from pathlib import Path
 
 from django.core.exceptions import ValidationError
 from django.db import connections, models, transaction
@@ -9,8 +12,9 @@ from django.db.models import F, Q, Value
 from django.db.models.functions import Least
 from django.utils import timezone
 
-from apps.connectors.exchanges import is_known_exchange, is_valid_timeframe_syntax, offline_timeframes, timeframe_ms
+from apps.connectors.exchanges import is_known_exchange, offline_timeframes
 from apps.connectors.models import Connector
+from apps.marketdata.timeframes import is_valid_timeframe, next_candle_close, timeframe_error
 
 # ccxt unified symbols: BASE/QUOTE for spot, BASE/QUOTE:SETTLE for derivatives, optionally followed by
 # the expiry/strike/type of futures and options (BTC/USDT:USDT-250328). Codes are opaque to us (1000PEPE,
@@ -39,16 +43,12 @@ def validate_timeframe(timeframe: str, exchange_id: str) -> None:
                 f"Timeframe {timeframe!r} is not offered by {exchange_id}; it offers: {', '.join(offered)}.",
                 code="bad_timeframe",
             )
-    elif not is_valid_timeframe_syntax(timeframe):
-        raise ValidationError(
-            f"Timeframe {timeframe!r} is not well formed: a positive number followed by s, m, h, d, w, M or y "
-            "(e.g. 1m, 4h, 1d).",
-            code="bad_timeframe",
-        )
+    elif not is_valid_timeframe(timeframe):
+        raise ValidationError(timeframe_error(timeframe), code="bad_timeframe")
 
 
-# Monday 1970-01-05 00:00 UTC: exchanges open weekly candles on Mondays, not on the epoch's Thursday.
-_WEEK_ORIGIN_MS = 4 * 86_400_000
+# First part of a backfill's lease owners (`backfill_owner`).
+BACKFILL_OWNER_PREFIX = "backfill"
 
 
 class LeaseLost(Exception):
@@ -61,26 +61,6 @@ class LeaseLost(Exception):
         )
         self.job_id = job_id
         self.worker = worker
-
-
-def next_candle_close(timeframe: str, now: datetime) -> datetime:
-    """The first candle close of `timeframe` strictly after `now`, on the exchange's grid (UTC).
-
-    Seconds, minutes, hours and days are multiples of the timeframe since the epoch, weeks start on
-    Mondays, months and years on the first of the calendar period.
-    """
-    amount, unit = int(timeframe[:-1]), timeframe[-1]
-    now = now.astimezone(UTC)
-    if unit in ("M", "y"):
-        months = amount * (12 if unit == "y" else 1)
-        index = (now.year - 1970) * 12 + now.month - 1
-        index = (index // months + 1) * months
-        return datetime(1970 + index // 12, index % 12 + 1, 1, tzinfo=UTC)
-    period = timeframe_ms(timeframe)
-    origin = _WEEK_ORIGIN_MS if unit == "w" else 0
-    now_ms = int(now.timestamp() * 1000)
-    close_ms = ((now_ms - origin) // period + 1) * period + origin
-    return datetime.fromtimestamp(close_ms / 1000, tz=UTC)
 
 
 def _can_release_in_one_statement(using: str) -> bool:
@@ -96,6 +76,43 @@ def backoff_seconds(failures: int, base: float, cap: float, rng: random.Random |
     """
     ceiling = min(cap, base * 2 ** max(0, min(failures - 1, 62)))
     return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+
+
+def backfill_owner(index: int) -> str:
+    """The lease owner of a backfill's `index`-th job: "backfill:<host>:<pid>:<index>"."""
+    return f"{BACKFILL_OWNER_PREFIX}:{socket.gethostname()}:{os.getpid()}:{index}"
+
+
+def left_by_dead_backfill(owner: str) -> bool:
+    """Whether the lease owner `owner` is a backfill process of this host that no longer runs.
+
+    Such a lease is safe to take over at once: its holder is gone for sure (a backfill that stopped on
+    a database outage could not release its leases). Anything else (another host's backfill, a
+    scheduler, a pid now used by a live process, this very process) is left to its lease.
+    """
+    parts = owner.split(":")
+    if len(parts) != 4 or parts[0] != BACKFILL_OWNER_PREFIX or parts[1] != socket.gethostname():
+        return False
+    try:
+        pid = int(parts[2])
+    except ValueError:
+        return False
+    return pid != os.getpid() and not _process_alive(pid)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    # A zombie has exited; only its parent has not collected its exit status yet.
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 class JobQuerySet(models.QuerySet):
@@ -144,12 +161,38 @@ class JobQuerySet(models.QuerySet):
             # once), so only jobs whose lease expired can have one to close.
             expired = [job.pk for job in jobs if job.lease_expires_at is not None]
             if expired:
-                Run.objects.filter(job_id__in=expired, status=Run.Status.RUNNING).update(
-                    status=Run.Status.FAILED, finished_at=now, error=Run.LEASE_EXPIRED
-                )
+                Run.objects.filter(job_id__in=expired).close_abandoned(now)
             for job in jobs:
                 job.lease_owner, job.lease_expires_at, job.last_run_at = worker, lease["lease_expires_at"], now
             return Run.objects.bulk_create([Run(job=job, worker=worker, started_at=now) for job in jobs])
+
+    def claim_for_backfill(
+        self, job: "Job", worker: str, lease_seconds: float, now: datetime | None = None
+    ) -> "Run | None":
+        """Lease `job` to a backfill worker and open its Run, unless a live worker holds it (then None).
+
+        The same lease the scheduler uses, so a running `run_scheduler` leaves the job alone meanwhile;
+        the job's status and schedule are not consulted: the operator asked for this collection. A lease
+        left by a dead backfill of this host is taken over at once. Claiming again with the same `worker`
+        returns the Run already open (an attempt whose answer a database outage swallowed).
+        """
+        now = now or timezone.now()
+        expires = now + timedelta(seconds=lease_seconds)
+        free = Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now) | Q(lease_owner=worker)
+        holder = self.filter(pk=job.pk).values_list("lease_owner", flat=True).first()
+        if holder and left_by_dead_backfill(holder):
+            # Guarded by the owner read: if anyone claimed the job since, the UPDATE below finds nothing.
+            free |= Q(lease_owner=holder)
+        with transaction.atomic(using=self.db):
+            if not self.filter(free, pk=job.pk).update(lease_owner=worker, lease_expires_at=expires, last_run_at=now):
+                return None
+            job.lease_owner, job.lease_expires_at, job.last_run_at = worker, expires, now
+            ours = Run.objects.filter(job=job, worker=worker, status=Run.Status.RUNNING).first()
+            if ours is not None:
+                return ours
+            # A run left open by a worker whose lease expired (or a dead backfill), as a scheduler claim does.
+            Run.objects.filter(job=job).close_abandoned(now)
+            return Run.objects.create(job=job, worker=worker, started_at=now)
 
     def pause(self) -> int:
         return self.update(status=Job.Status.PAUSED, updated_at=timezone.now())
@@ -269,6 +312,15 @@ class Job(models.Model):
 
 
 class RunQuerySet(models.QuerySet):
+    def close_abandoned(self, now: datetime | None = None) -> int:
+        """Fail the running Runs among these as "lease expired": their worker's lease is gone, so that
+        worker can no longer release them. The one way such a Run is closed, by a claim taking its job
+        over (scheduler or backfill) or by `close_orphaned`."""
+        now = now or timezone.now()
+        return self.filter(status=Run.Status.RUNNING).update(
+            status=Run.Status.FAILED, finished_at=now, error=Run.LEASE_EXPIRED
+        )
+
     def close_orphaned(self, now: datetime | None = None) -> int:
         """Fail running Runs that no claim will ever close: their job's lease was cleared by hand, or
         it expired while the job is paused, in error or its connector disabled (claimable jobs have
@@ -276,9 +328,8 @@ class RunQuerySet(models.QuerySet):
         now = now or timezone.now()
         unclaimable = ~Q(job__status=Job.Status.ACTIVE) | Q(job__connector__enabled=False)
         return self.filter(
-            Q(job__lease_expires_at__isnull=True) | (Q(job__lease_expires_at__lt=now) & unclaimable),
-            status=Run.Status.RUNNING,
-        ).update(status=Run.Status.FAILED, finished_at=now, error=Run.LEASE_EXPIRED)
+            Q(job__lease_expires_at__isnull=True) | (Q(job__lease_expires_at__lt=now) & unclaimable)
+        ).close_abandoned(now)
 
     def held_by(self, worker: str) -> list["Run"]:
         """The running Runs of claim `worker` whose jobs it still holds: what a claim whose answer was

@@ -10,6 +10,7 @@ from rest_framework.settings import api_settings
 from apps.connectors.models import Connector
 from apps.connectors.serializers import full_clean_or_400
 from apps.jobs.models import Job, Run, validate_symbol, validate_timeframe
+from apps.marketdata.timeframes import ms_to_datetime
 
 # Statuses an operator may set; `error` is the collector's verdict, cleared by resuming.
 SETTABLE_STATUSES = [Job.Status.ACTIVE, Job.Status.PAUSED]
@@ -40,7 +41,7 @@ class SinceField(serializers.DateTimeField):
             if ms < _MIN_EPOCH_MS:
                 self.fail("seconds", value=ms)
             try:
-                result = datetime.fromtimestamp(ms / 1000, tz=UTC)
+                result = ms_to_datetime(ms)
             except (OverflowError, OSError, ValueError):
                 self.fail("invalid")
         elif isinstance(value, str) and (day := _parse_date(value)) is not None:
@@ -118,7 +119,7 @@ class JobSerializer(serializers.HyperlinkedModelSerializer):
         validators = []
 
     def get_cursor_at(self, job: Job) -> datetime | None:
-        return None if job.cursor is None else datetime.fromtimestamp(job.cursor / 1000, tz=UTC)
+        return None if job.cursor is None else ms_to_datetime(job.cursor)
 
     def get_runs(self, job: Job) -> str | None:
         request = self.context.get("request")

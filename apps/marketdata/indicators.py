@@ -74,9 +74,9 @@ from ta.momentum import RSIIndicator
 from ta.trend import MACD, EMAIndicator, SMAIndicator
 from ta.volatility import BollingerBands
 
-from apps.connectors.exchanges import timeframe_ms
 from apps.marketdata import store
 from apps.marketdata.models import Candle, IndicatorRow, unpack_values
+from apps.marketdata.timeframes import timeframe_ms
 from datacollector.config import BollingerConfig, ConfigError, IndicatorConfig, MacdConfig, get_config
 
 EPSILON = 1e-10

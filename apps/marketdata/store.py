@@ -18,13 +18,11 @@ Writes go in batches; each batch commits on its own, so a crash mid-call leaves 
 re-running the same call is idempotent (upserts keyed on the natural key).
 """
 
-import calendar
 import logging
 import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import UTC, datetime
 from numbers import Real
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
@@ -37,8 +35,18 @@ from django.db.models import Count, Max, Min
 from pymongo import MongoClient, UpdateOne
 from pymongo.errors import BulkWriteError, OperationFailure
 
-from apps.connectors.exchanges import is_valid_timeframe_syntax, timeframe_ms
 from apps.marketdata.models import Candle
+from apps.marketdata.timeframes import (
+    align_down,
+    align_up,
+    check_timeframe,
+    grid_origin,
+    is_calendar_timeframe,
+    month_index,
+    month_start,
+    months_per_slot,
+    timeframe_ms,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +64,6 @@ SQL_BATCH = 1_000
 # Rows fetched per query by iter_candles: big enough to amortise the round trip, small enough that a
 # stream of millions of rows holds only one chunk in memory.
 ITER_CHUNK = 10_000
-
-# The Monday 1970-01-05 00:00 UTC. Weekly candles open on Mondays (Binance, and ccxt's convention), and
-# epoch 0 was a Thursday, so a series with no candle to copy its grid from uses this anchor for weeks.
-_MONDAY_MS = 4 * 86_400_000
 
 
 class UpsertResult(NamedTuple):
@@ -105,8 +109,7 @@ def _check_series(exchange_id: str, symbol: str, timeframe: str) -> None:
         raise ValueError(f"exchange_id must be a non-empty string, got {exchange_id!r}")
     if not symbol or not isinstance(symbol, str):
         raise ValueError(f"symbol must be a non-empty string, got {symbol!r}")
-    if not isinstance(timeframe, str) or not is_valid_timeframe_syntax(timeframe):
-        raise ValueError(f"timeframe {timeframe!r} is not well formed: a number and one of s m h d w M y (e.g. 1m)")
+    check_timeframe(timeframe)
 
 
 def _number(value: Any) -> float | None:
@@ -649,50 +652,6 @@ def list_series_coverage() -> list[SeriesCoverage]:
 # --- Gaps -------------------------------------------------------------------------------------------
 
 
-def is_calendar_timeframe(timeframe: str) -> bool:
-    """Months and years have no fixed length: their slots are calendar boundaries, not multiples of a step."""
-    return timeframe[-1:] in ("M", "y")
-
-
-def _months_per_slot(timeframe: str) -> int:
-    return int(timeframe[:-1]) * (12 if timeframe.endswith("y") else 1)
-
-
-def slot_after(timeframe: str, ts: int) -> int:
-    """Open time of the slot following the one opening at `ts`."""
-    if is_calendar_timeframe(timeframe):
-        return _month_start(_month_index(ts) + _months_per_slot(timeframe))
-    return ts + timeframe_ms(timeframe)
-
-
-def slot_before(timeframe: str, ts: int) -> int:
-    """Open time of the slot preceding the one opening at `ts`."""
-    if is_calendar_timeframe(timeframe):
-        return _month_start(_month_index(ts) - _months_per_slot(timeframe))
-    return ts - timeframe_ms(timeframe)
-
-
-def slot_count(timeframe: str, first_ts: int, last_ts: int) -> int:
-    """Number of slots in the inclusive range of slot open times [first_ts, last_ts]."""
-    if is_calendar_timeframe(timeframe):
-        return (_month_index(last_ts) - _month_index(first_ts)) // _months_per_slot(timeframe) + 1
-    return (last_ts - first_ts) // timeframe_ms(timeframe) + 1
-
-
-def _grid_anchor(timeframe: str, reference_ts: int | None) -> int:
-    if reference_ts is not None:
-        return reference_ts
-    return _MONDAY_MS if timeframe.endswith("w") else 0
-
-
-def _align_up(value: int, anchor: int, step: int) -> int:
-    return anchor - ((anchor - value) // step) * step
-
-
-def _align_down(value: int, anchor: int, step: int) -> int:
-    return anchor + ((value - anchor) // step) * step
-
-
 def find_gaps(
     exchange_id: str, symbol: str, timeframe: str, start_ts: int | None = None, end_ts: int | None = None
 ) -> list[tuple[int, int]]:
@@ -721,13 +680,14 @@ def find_gaps(
     if stored is None:
         if start_ts is None or end_ts is None:
             return []
-        anchor = _grid_anchor(timeframe, first_ts(exchange_id, symbol, timeframe))
-        first, last = _align_up(start_ts, anchor, step), _align_down(end_ts, anchor, step)
+        stored_first = first_ts(exchange_id, symbol, timeframe)
+        anchor = grid_origin(timeframe) if stored_first is None else stored_first
+        first, last = align_up(start_ts, anchor, step), align_down(end_ts, anchor, step)
         return [(first, last)] if first <= last else []
     first, last = stored
     gaps: list[tuple[int, int]] = []
     if start_ts is not None:
-        first_slot = _align_up(start_ts, first, step)
+        first_slot = align_up(start_ts, first, step)
         if first_slot < first:
             gaps.append((first_slot, first - step))
     if uses_mongo():
@@ -735,7 +695,7 @@ def find_gaps(
     else:
         gaps.extend(_sql_holes(exchange_id, symbol, timeframe, first, last, step))
     if end_ts is not None:
-        last_slot = _align_down(end_ts, last, step)
+        last_slot = align_down(end_ts, last, step)
         if last_slot > last:
             gaps.append((last + step, last_slot))
     return gaps
@@ -818,44 +778,35 @@ def _holes_from_stream(timestamps: Iterable[int], step: int) -> list[tuple[int, 
     return holes
 
 
-def _month_index(ts: int) -> int:
-    moment = datetime.fromtimestamp(ts / 1000, tz=UTC)
-    return moment.year * 12 + moment.month - 1
-
-
-def _month_start(index: int) -> int:
-    return calendar.timegm((index // 12, index % 12 + 1, 1, 0, 0, 0)) * 1000
-
-
 def _calendar_gaps(
     exchange_id: str, symbol: str, timeframe: str, start_ts: int | None, end_ts: int | None
 ) -> list[tuple[int, int]]:
-    months_per_slot = _months_per_slot(timeframe)
+    per_slot = months_per_slot(timeframe)
     stored = [row[0] for row in iter_candles(exchange_id, symbol, timeframe, start_ts, end_ts)]
-    stored_months = {_month_index(ts) for ts in stored}
-    anchor = _month_index(stored[0]) if stored else 0
+    stored_months = {month_index(ts) for ts in stored}
+    anchor = month_index(stored[0]) if stored else 0
 
     def slot_at_or_after(ts: int) -> int:
-        index = _month_index(ts)
-        index = anchor + -((anchor - index) // months_per_slot) * months_per_slot
-        return index if _month_start(index) >= ts else index + months_per_slot
+        index = month_index(ts)
+        index = anchor + -((anchor - index) // per_slot) * per_slot
+        return index if month_start(index) >= ts else index + per_slot
 
     def slot_at_or_before(ts: int) -> int:
-        return anchor + ((_month_index(ts) - anchor) // months_per_slot) * months_per_slot
+        return anchor + ((month_index(ts) - anchor) // per_slot) * per_slot
 
     if not stored and (start_ts is None or end_ts is None):
         return []
-    first = slot_at_or_after(start_ts) if start_ts is not None else _month_index(stored[0])
-    last = slot_at_or_before(end_ts) if end_ts is not None else _month_index(stored[-1])
+    first = slot_at_or_after(start_ts) if start_ts is not None else month_index(stored[0])
+    last = slot_at_or_before(end_ts) if end_ts is not None else month_index(stored[-1])
     gaps: list[tuple[int, int]] = []
     run_start: int | None = None
-    for index in range(first, last + 1, months_per_slot):
+    for index in range(first, last + 1, per_slot):
         if index not in stored_months:
             run_start = index if run_start is None else run_start
             continue
         if run_start is not None:
-            gaps.append((_month_start(run_start), _month_start(index - months_per_slot)))
+            gaps.append((month_start(run_start), month_start(index - per_slot)))
             run_start = None
     if run_start is not None:
-        gaps.append((_month_start(run_start), _month_start(last)))
+        gaps.append((month_start(run_start), month_start(last)))
     return gaps

@@ -15,9 +15,9 @@ from apps.connectors.exchanges import (
     SimulatedClient,
     TransientExchangeError,
     get_client,
-    timeframe_ms,
 )
 from apps.connectors.models import Connector
+from apps.marketdata.timeframes import timeframe_ms
 
 NOW = datetime(2024, 3, 1, 12, 0, 30, tzinfo=UTC)
 NOW_MS = int(NOW.timestamp() * 1000)

@@ -24,10 +24,10 @@ from django.utils import timezone
 from apps.connectors import exchanges
 from apps.connectors.exchanges import SimulatedClient
 from apps.connectors.models import Connector
-from apps.jobs.collect import backfill_owner, claim_for_backfill, datetime_to_ms
 from apps.jobs.management.commands.backfill import parse_when
-from apps.jobs.models import Job, Run
+from apps.jobs.models import Job, Run, backfill_owner
 from apps.marketdata import store
+from apps.marketdata.timeframes import datetime_to_ms
 
 NOW = datetime(2024, 3, 1, 12, 0, 30, tzinfo=UTC)
 MINUTE = 60_000
@@ -219,7 +219,7 @@ def test_the_lease_of_a_dead_backfill_of_this_host_is_taken_over_at_once(simulat
     dead.wait()
     job, left_open = leased_job(simulated, f"backfill:{socket.gethostname()}:{dead.pid}:0")
 
-    run = claim_for_backfill(job, backfill_owner(0), lease_seconds=600)
+    run = Job.objects.claim_for_backfill(job, backfill_owner(0), lease_seconds=600)
 
     assert run is not None
     assert run.worker == backfill_owner(0)
@@ -244,7 +244,7 @@ def test_a_lease_whose_holder_may_still_run_is_left_alone(simulated, owner):
     try:
         holder = owner.format(host=socket.gethostname(), live=live.pid, dead=dead.pid)
         job, _ = leased_job(simulated, holder)
-        assert claim_for_backfill(job, backfill_owner(0), lease_seconds=600) is None
+        assert Job.objects.claim_for_backfill(job, backfill_owner(0), lease_seconds=600) is None
     finally:
         live.kill()
         live.wait()
@@ -254,9 +254,9 @@ def test_a_lease_whose_holder_may_still_run_is_left_alone(simulated, owner):
 
 def test_claiming_again_after_a_lost_answer_returns_the_run_already_open(simulated):
     job = Job.objects.create(connector=simulated, symbol="BTC/USDT", timeframe="1h")
-    first = claim_for_backfill(job, backfill_owner(0), lease_seconds=600)
+    first = Job.objects.claim_for_backfill(job, backfill_owner(0), lease_seconds=600)
 
-    again = claim_for_backfill(job, backfill_owner(0), lease_seconds=600)
+    again = Job.objects.claim_for_backfill(job, backfill_owner(0), lease_seconds=600)
 
     assert again is not None
     assert again.pk == first.pk

@@ -16,10 +16,10 @@ from django.core.management import call_command
 from apps.connectors import exchanges
 from apps.connectors.exchanges import RetryPolicy
 from apps.connectors.models import Connector
-from apps.jobs.collect import datetime_to_ms
 from apps.jobs.models import Job, Run
 from apps.marketdata import store
 from apps.marketdata.models import Gap
+from apps.marketdata.timeframes import datetime_to_ms
 from apps.ratelimits.models import RateLimit
 from tests.fakes.binance import FakeBinance, Faults
 

@@ -13,10 +13,11 @@ import time_machine
 from apps.connectors import exchanges
 from apps.connectors.exchanges import PermanentExchangeError, SimulatedClient
 from apps.connectors.models import Connector
-from apps.jobs.collect import clean_rows, collect_job, datetime_to_ms
+from apps.jobs.collect import CollectionFailed, clean_rows, collect_job
 from apps.jobs.models import Job
 from apps.marketdata import store
 from apps.marketdata.models import Gap
+from apps.marketdata.timeframes import datetime_to_ms
 from tests.fakes.binance import FakeBinance, Faults
 
 NOW = datetime(2024, 3, 1, 12, 0, 30, tzinfo=UTC)
@@ -183,8 +184,10 @@ def test_counters_and_heartbeat_follow_the_pages(simulated, frozen):
 
 def test_an_unknown_symbol_is_a_permanent_error_naming_it(simulated, frozen):
     job = make_job(simulated, symbol="NOPE/USDT")
-    with pytest.raises(PermanentExchangeError, match="NOPE/USDT"):
+    with pytest.raises(CollectionFailed, match="NOPE/USDT") as failed:
         collect_job(job, None, noop)
+    assert isinstance(failed.value.error, PermanentExchangeError)
+    assert failed.value.__cause__ is failed.value.error
 
 
 # --- Against the fake Binance (real ccxt over HTTP) ---------------------------------------------------
@@ -264,8 +267,9 @@ def test_a_gap_the_exchange_fills_later_is_stored_and_closed(binance, fake):
 
 def test_an_unlisted_binance_symbol_fails_permanently(binance, fake):
     job = make_job(binance, symbol="XRP/USDT")
-    with pytest.raises(PermanentExchangeError, match="XRP/USDT"):
+    with pytest.raises(CollectionFailed, match="XRP/USDT") as failed:
         collect_job(job, None, noop)
+    assert isinstance(failed.value.error, PermanentExchangeError)
 
 
 def test_a_scheduler_claim_collects_and_records_its_run(simulated, frozen):

@@ -11,10 +11,11 @@ import pytest
 
 from apps.connectors import exchanges
 from apps.connectors.models import Connector
-from apps.jobs.collect import collect_job, datetime_to_ms, ms_to_datetime
+from apps.jobs.collect import collect_job
 from apps.jobs.models import Job
 from apps.marketdata import store
 from apps.marketdata.models import Gap
+from apps.marketdata.timeframes import datetime_to_ms, ms_to_datetime
 from apps.ratelimits.models import RateLimit
 from tests.fakes.binance import FakeBinance
 

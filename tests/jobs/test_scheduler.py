@@ -12,7 +12,8 @@ from apps.connectors.models import Connector
 from apps.jobs import models as job_models
 from apps.jobs import outages
 from apps.jobs.management.commands.run_scheduler import Scheduler
-from apps.jobs.models import Job, LeaseLost, Run, backoff_seconds, next_candle_close
+from apps.jobs.models import Job, LeaseLost, Run, backoff_seconds
+from apps.marketdata.timeframes import next_candle_close
 from tests.jobs import standins
 
 NOW = datetime(2026, 3, 14, 15, 9, 26, 535000, tzinfo=UTC)

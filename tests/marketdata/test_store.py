@@ -194,7 +194,7 @@ def test_odd_candles_are_stored_as_the_exchange_sent_them(candle_store):
     [("", "BTC/USDT", "1m"), ("binance", "", "1m"), ("binance", "BTC/USDT", "1 minute"), ("binance", "BTC/USDT", "")],
 )
 def test_a_bad_series_name_is_rejected(candle_store, exchange_id, symbol, timeframe):
-    with pytest.raises(ValueError, match=r"exchange_id|symbol|timeframe"):
+    with pytest.raises(ValueError, match=r"exchange_id|symbol|[Tt]imeframe"):
         store.upsert_candles(exchange_id, symbol, timeframe, [candle(0)])
 
 

@@ -29,17 +29,10 @@ from django.db import close_old_connections, connection
 from django.utils.dateparse import parse_date, parse_datetime
 from tqdm import tqdm
 
-from apps.connectors.exchanges import ExchangeError, PermanentExchangeError, get_client, timeframe_ms
+from apps.connectors.exchanges import ExchangeError, PermanentExchangeError, get_client
 from apps.connectors.models import Connector
-from apps.jobs.collect import (
-    CollectResult,
-    backfill_owner,
-    claim_for_backfill,
-    collect_job,
-    datetime_to_ms,
-    ms_to_datetime,
-)
-from apps.jobs.models import Job, LeaseLost, validate_symbol, validate_timeframe
+from apps.jobs.collect import CollectionFailed, CollectResult, collect_job
+from apps.jobs.models import Job, LeaseLost, backfill_owner, validate_symbol, validate_timeframe
 from apps.jobs.outages import (
     STALE_CONNECTION_RETRIES,
     DatabaseUnavailable,
@@ -49,6 +42,7 @@ from apps.jobs.outages import (
     wait_for_database,
 )
 from apps.marketdata import store
+from apps.marketdata.timeframes import datetime_to_ms, ms_to_datetime, timeframe_ms
 from datacollector.config import get_config
 
 T = TypeVar("T")
@@ -275,7 +269,7 @@ class Command(BaseCommand):
         try:
             if self.stopping.is_set():
                 return job, None, "not started"
-            run = self.ride_out(lambda: claim_for_backfill(job, worker, lease_seconds))
+            run = self.ride_out(lambda: Job.objects.claim_for_backfill(job, worker, lease_seconds))
             if run is None:
                 self.ride_out(job.refresh_from_db)
                 until = f" until {job.lease_expires_at:%H:%M:%S} UTC" if job.lease_expires_at else ""
@@ -297,15 +291,14 @@ class Command(BaseCommand):
                         max_pages=None,
                         prefetch=self.prefetch,
                     )
-                except LeaseLost as exc:
-                    # The lease expired (this process stalled) and a scheduler worker took the job over.
-                    return job, result + getattr(exc, "result", CollectResult()), f"failed: {exc}"
-                except PermanentExchangeError as exc:
-                    result = result + getattr(exc, "result", CollectResult())
-                    self.finish(functools.partial(run.fail_permanently, str(exc), result))
-                    return job, result, f"failed: {exc}"
-                except Exception as exc:
-                    result = result + getattr(exc, "result", CollectResult())
+                except CollectionFailed as failed:
+                    result, exc = result + failed.result, failed.error
+                    if isinstance(exc, LeaseLost):
+                        # The lease expired (this process stalled) and a scheduler worker took the job over.
+                        return job, result, f"failed: {exc}"
+                    if isinstance(exc, PermanentExchangeError):
+                        self.finish(functools.partial(run.fail_permanently, str(exc), result))
+                        return job, result, f"failed: {exc}"
                     if is_database_error(exc):
                         # Not the exchange's fault and not a pass: once the database answers, the job goes
                         # on from its committed cursor (a commit whose answer was lost moved it on).
