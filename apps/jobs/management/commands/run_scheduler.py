@@ -28,6 +28,7 @@ from django.utils.module_loading import import_string
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from apps.connectors.exchanges import PermanentExchangeError
+from apps.jobs.collect import CollectionFailed
 from apps.jobs.models import Job, LeaseLost, Run
 from apps.jobs.outages import (
     DatabaseUnavailable,
@@ -222,35 +223,10 @@ class Scheduler:
         BUSY.inc()
         try:
             result = self.collector(job, run, run.heartbeat(self.lease_seconds))
-        except LeaseLost as exc:
-            outcome, error = "lease_lost", str(exc)
-        except PermanentExchangeError as exc:
-            outcome, error = "error", str(exc) or type(exc).__name__
-            logger.warning(
-                "job %s stopped: %s", job.pk, error, extra={"job_id": job.pk, "worker": run.worker, "error": error}
-            )
-            partial = getattr(exc, "result", None)
-            self._record(lambda: run.fail_permanently(error, partial))
-        except Exception as exc:
-            if is_database_error(exc):
-                # The database, not the exchange, failed: the outage is logged once per process, and the
-                # run is released (failed, retried after the usual backoff) as soon as the database is back.
-                outcome, error = "failed", f"database error: {describe(exc)}"
-                reset_connection()
-            else:
-                outcome, error = "failed", f"{type(exc).__name__}: {exc}"
-                logger.exception("job %s failed", job.pk, extra={"job_id": job.pk, "worker": run.worker})
-            retry_after = getattr(exc, "retry_after", None)
-            partial = getattr(exc, "result", None)
-            self._record(
-                lambda: run.fail(
-                    error,
-                    self.backoff_base_seconds,
-                    self.backoff_max_seconds,
-                    retry_after if isinstance(retry_after, int | float) else None,
-                    partial,
-                )
-            )
+        except Exception as raised:
+            # `collect_job` hands back what it did before failing (a stand-in collector may raise plainly).
+            exc, partial = (raised.error, raised.result) if isinstance(raised, CollectionFailed) else (raised, None)
+            outcome, error = self._record_failure(run, exc, partial)
         else:
             outcome = "success"
             self._record(lambda: run.succeed(result, self.schedule_delay_seconds))
@@ -263,6 +239,38 @@ class Scheduler:
         RUN_SECONDS.observe(time.monotonic() - started)
         self._log(run, outcome, result, started, error)
         return outcome
+
+    def _record_failure(self, run: Run, exc: Exception, partial: Any) -> tuple[str, str]:
+        """Record a run that `exc` ended (with `partial`, what it did before); returns (outcome, error)."""
+        job = run.job
+        if isinstance(exc, LeaseLost):
+            return "lease_lost", str(exc)
+        if isinstance(exc, PermanentExchangeError):
+            error = str(exc) or type(exc).__name__
+            logger.warning(
+                "job %s stopped: %s", job.pk, error, extra={"job_id": job.pk, "worker": run.worker, "error": error}
+            )
+            self._record(lambda: run.fail_permanently(error, partial))
+            return "error", error
+        if is_database_error(exc):
+            # The database, not the exchange, failed: the outage is logged once per process, and the
+            # run is released (failed, retried after the usual backoff) as soon as the database is back.
+            error = f"database error: {describe(exc)}"
+            reset_connection()
+        else:
+            error = f"{type(exc).__name__}: {exc}"
+            logger.exception("job %s failed", job.pk, extra={"job_id": job.pk, "worker": run.worker}, exc_info=exc)
+        retry_after = getattr(exc, "retry_after", None)
+        self._record(
+            lambda: run.fail(
+                error,
+                self.backoff_base_seconds,
+                self.backoff_max_seconds,
+                retry_after if isinstance(retry_after, int | float) else None,
+                partial,
+            )
+        )
+        return "failed", error
 
     def _record(self, release: Callable[[], Any]) -> None:
         try:
