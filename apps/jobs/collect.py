@@ -115,7 +115,34 @@ def clean_rows(raw: Sequence[Any], start: int, end: int) -> tuple[list[list[floa
     """
     by_ts: dict[int, list[float]] = {}
     dropped = 0
+    isfinite = math.isfinite
     for row in raw:
+        # Fast path for what the client returns (an int and five floats); this loop runs for every candle
+        # collected. A NaN anywhere fails a comparison; an infinity makes the sum non-finite, and so can an
+        # overflow of huge but finite values, which the full checks below then accept.
+        if type(row) is list and len(row) >= 6:
+            ts, o, h, lo, c, v = row[0], row[1], row[2], row[3], row[4], row[5]
+            if (
+                type(ts) is int
+                and type(o) is float
+                and type(h) is float
+                and type(lo) is float
+                and type(c) is float
+                and type(v) is float
+                and o >= 0
+                and h >= 0
+                and lo >= 0
+                and c >= 0
+                and v >= 0
+                and isfinite(o + h + lo + c + v)
+            ):
+                if not start <= ts <= end:
+                    dropped += 1
+                    continue
+                if ts in by_ts:
+                    dropped += 1
+                by_ts[ts] = [ts, o, h, lo, c, v]
+                continue
         try:
             ts = int(row[0])
             values = [float(v) for v in row[1:6]]
