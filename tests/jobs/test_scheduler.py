@@ -317,6 +317,24 @@ def test_workers_of_one_process_share_a_claimed_batch(connector):
     assert Run.objects.values("worker").distinct().count() == 1  # one claim, two workers
 
 
+def test_a_claim_takes_no_more_jobs_than_workers_free_to_start_them(connector):
+    for i in range(6):
+        Job.objects.create(connector=connector, symbol=f"S{i}/USDT", timeframe="1m", next_run_at=NOW)
+    leased_while_running: list[int] = []
+
+    def count_leased(job, run, heartbeat):
+        leased_while_running.append(Job.objects.exclude(lease_owner="").count())
+        return standins.CollectResult(candles_written=1)
+
+    # Two workers: a claim leaves the other jobs due for another process's idle workers.
+    scheduler = make_scheduler(count_leased, batch_size=10, workers=2)
+    with time_machine.travel(NOW, tick=False):
+        while scheduler.process_one():
+            pass
+    assert leased_while_running == [2, 1, 2, 1, 2, 1]
+    assert Run.objects.filter(status=Run.Status.SUCCESS).count() == 6
+
+
 def test_a_release_retried_after_it_landed_is_not_applied_twice(release_path, job):
     # A retry after a database outage cannot know whether its first attempt committed.
     with time_machine.travel(NOW, tick=False) as traveller:
@@ -350,7 +368,7 @@ def test_a_claim_whose_answer_was_lost_is_carried_on_with(connector, monkeypatch
     monkeypatch.setattr(job_models.JobQuerySet, "claim", claim_then_lose_the_answer)
     scheduler = make_scheduler(standins.instant, batch_size=3)
     with time_machine.travel(NOW, tick=False):
-        claimed = scheduler._claim("a:1/0")
+        claimed = scheduler._claim("a:1/0", 3)
     assert sorted(run.job_id for run in claimed) == [job.pk for job in jobs]
     assert len(attempts) == 1  # the retry found the committed claim instead of claiming again
     assert Run.objects.count() == 3

@@ -68,8 +68,11 @@ class Scheduler:
     """The work of one `run_scheduler` process, shared by its worker threads.
 
     A worker that finds nothing queued claims a batch; the batch's runs are then handed out one at a
-    time to whichever worker is free, so a few due jobs still run in parallel. `process_one()` is the
-    step: run one job, True if there was one. `work()` is a worker thread's loop.
+    time to whichever worker is free, so a few due jobs still run in parallel. With `workers` given, a
+    batch is at most as large as the number of workers free to start it now: jobs a busy process would
+    only queue are left to another process's idle workers, and no claimed job waits behind its batch
+    (longer than its lease, at worst). `process_one()` is the step: run one job, True if there was one.
+    `work()` is a worker thread's loop.
     """
 
     def __init__(
@@ -84,8 +87,10 @@ class Scheduler:
         backoff_max_seconds: float,
         interval: float = 1.0,
         stopping: threading.Event | None = None,
+        workers: int | None = None,
     ) -> None:
         self.worker_id = worker_id
+        self.workers = workers
         self.collector = collector
         self.batch_size = batch_size
         self.lease_seconds = lease_seconds
@@ -95,6 +100,7 @@ class Scheduler:
         self.interval = interval
         self.stopping = stopping or threading.Event()
         self._queue: deque[Run] = deque()
+        self._running = 0  # runs handed to a worker and not finished yet
         self._lock = threading.Lock()
         self._claims = itertools.count()
         self._last_reap = 0.0
@@ -109,11 +115,21 @@ class Scheduler:
                 # lease expired and that this same process reclaims is then told apart from the
                 # stale claim, whose heartbeat and release must fail.
                 owner = f"{self.worker_id}/{next(self._claims)}"
-                self._queue.extend(self._claim(owner))
-            return self._queue.popleft() if self._queue else None
+                self._queue.extend(self._claim(owner, self.claim_limit()))
+            if not self._queue:
+                return None
+            self._running += 1
+            return self._queue.popleft()
 
-    def _claim(self, owner: str) -> list[Run]:
-        """Claim a batch for `owner`, through a database outage (none when stopped meanwhile)."""
+    def claim_limit(self) -> int:
+        """How many jobs a claim takes: the batch size, or fewer when fewer workers are free to start them
+        now (this one included; the caller holds the lock)."""
+        if self.workers is None:
+            return self.batch_size
+        return max(1, min(self.batch_size, self.workers - self._running))
+
+    def _claim(self, owner: str, limit: int) -> list[Run]:
+        """Claim up to `limit` jobs for `owner`, through a database outage (none when stopped meanwhile)."""
         attempts = 0
 
         def claim() -> list[Run]:
@@ -125,7 +141,7 @@ class Scheduler:
                 held = Run.objects.held_by(owner)
                 if held:
                     return held
-            return Job.objects.claim(owner, self.batch_size, self.lease_seconds)
+            return Job.objects.claim(owner, limit, self.lease_seconds)
 
         try:
             return ride_out(claim, stopping=self.stopping)
@@ -137,10 +153,14 @@ class Scheduler:
         run = self.next_run()
         if run is None:
             return False
-        if self.stopping.is_set():
-            self.release_unstarted([run])
-        else:
-            self.execute(run)
+        try:
+            if self.stopping.is_set():
+                self.release_unstarted([run])
+            else:
+                self.execute(run)
+        finally:
+            with self._lock:
+                self._running -= 1
         return True
 
     def release_claimed(self) -> None:
@@ -338,7 +358,8 @@ class Command(BaseCommand):
             "--batch-size",
             type=int,
             default=defaults.batch_size,
-            help=f"Jobs claimed per transaction by one worker (default {defaults.batch_size}).",
+            help=f"Most jobs claimed per transaction (default {defaults.batch_size}); a claim takes no more "
+            "than the workers free to start them now.",
         )
         parser.add_argument(
             "--lease-seconds",
@@ -399,6 +420,7 @@ class Command(BaseCommand):
             backoff_max_seconds=config.backoff_max_seconds,
             interval=options["interval"],
             stopping=self.stopping,
+            workers=options["workers"],
         )
         threads = [
             threading.Thread(
