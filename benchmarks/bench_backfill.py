@@ -1,27 +1,34 @@
-"""Backfill throughput against the fake Binance: 5 symbols x 90 days of 1m candles (~650,000).
+"""Backfill throughput against the fake Binance: 5 symbols x 1 year of 1m candles (~2.6 million).
 
 The real `manage.py backfill` (real ccxt, the shared PostgreSQL rate limiter, the embedded candle store
-on PostgreSQL) against tests/fakes/binance.py served from a separate process (so the server's CPU and its
-share of the GIL do not slow the collector, nor its memory count as the collector's): 20 ms latency per request and
-Binance's 6,000 weight per clock minute, with 429/418 when exceeded. The connector's bucket is the
-collector.yaml default for Binance (5,400 per minute, burst 300). Two scenarios, each with 1 and 4
-workers:
-- "binance": Binance's real costs (klines weigh 2 and return 1,000 candles), so 650,000 candles need
-  only ~1,300 weight: the store and the latency bound the run, not the budget;
-- "budget": pages of 100 candles, so the run needs ~13,000 weight (over two minutes of budget) and the
-  shared limiter is what paces it: this is where "share of the budget used" and "zero 429s" matter.
+on PostgreSQL, indicators included) against tests/fakes/binance.py served from a separate process (so
+the server's CPU and its share of the GIL do not slow the collector, nor its memory count as the
+collector's): 20 ms latency per request and Binance's 6,000 weight per clock minute, with 429/418 when
+exceeded. The connector's bucket is the collector.yaml default for Binance (5,400 per minute, burst 300).
+Scenarios:
+- "binance": Binance's real costs (klines weigh 2 and return 1,000 candles): the budget allows 50,000
+  candles/s, the bucket 45,000/s;
+- "budget": pages of 100 candles, so the shared limiter is what paces the run: this is where "share of
+  the budget used" and "zero 429s" matter.
+
+In the same run, the ceiling on this machine: a raw ccxt loop (`fetch_ohlcv`, one thread per symbol,
+paced in process at the server's 6,000 weight/min, no burst) that stores nothing.
 
 Figures: candles/s, weight used and its share of the server's budget (6,000/min) over the whole run and
-over the part of it while every worker had a series to collect (with more workers than series left, the
-last series run alone: one cursor per series), the weight of each whole clock minute, 429/418 answers,
-resident memory at 25/50/75/100% of the run (flat = no growth with the range). Nothing is asserted.
+over the part of it while every worker had a series to collect, the weight of each whole clock minute,
+429/418 answers, resident memory at 25/50/75/100% of the run (flat = no growth with the range), and
+where the CPU went: the collector's processes, the PostgreSQL backends of the scratch database (their
+/proc CPU time, sampled), the fake server. With BENCH_BACKFILL_PROFILE=1 (one process only) every
+thread of the collector is profiled on its own CPU clock and the CPU is split into parse, store,
+indicators, rate limit, HTTP and the rest. Nothing is asserted.
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/dc_bench SECRET_KEY=x .venv/bin/python -m benchmarks backfill
 
-A scratch database `<name>_bench_backfill` is created and dropped. Environment knobs for a quick run:
-BENCH_BACKFILL_DAYS (default 90), BENCH_BACKFILL_SYMBOLS (5), BENCH_BACKFILL_WORKERS ("1,4"),
-BENCH_BACKFILL_SCENARIOS ("binance,budget"), BENCH_BACKFILL_LATENCY_MS (20), BENCH_BACKFILL_PREFETCH
-(backfill --prefetch, 2; 0 is one request at a time per series).
+A scratch database `<name>_bench_backfill` is created and dropped. Environment knobs:
+BENCH_BACKFILL_DAYS (default 365), BENCH_BACKFILL_SYMBOLS (5), BENCH_BACKFILL_WORKERS ("5"),
+BENCH_BACKFILL_PROCESSES ("1": backfill --processes, a list), BENCH_BACKFILL_SCENARIOS ("binance"),
+BENCH_BACKFILL_LATENCY_MS (20), BENCH_BACKFILL_PREFETCH (backfill --prefetch, 2), BENCH_BACKFILL_CEILING
+(1: run the raw ccxt loop), BENCH_BACKFILL_PROFILE (0).
 """
 
 import collections
@@ -122,6 +129,194 @@ class MemorySampler:
         ]
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` (all its threads) from /proc; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+class ServerCpuSampler:
+    """CPU time of the PostgreSQL backends serving the scratch database (sampled every 0.25 s).
+
+    Backends exit with their connections, so each one's CPU is sampled while it runs and its largest
+    value kept; the last quarter second of a backend that exits is lost. Shared processes (WAL writer,
+    checkpointer) serve every database on the server and are left out.
+    """
+
+    def __init__(self) -> None:
+        from django.db import connections
+
+        self._settings = connections["default"].settings_dict
+        self.per_pid: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psycopg
+
+        settings_dict = self._settings
+        with psycopg.connect(
+            host=settings_dict["HOST"] or "127.0.0.1",
+            port=settings_dict["PORT"] or 5432,
+            user=settings_dict["USER"] or "postgres",
+            password=settings_dict["PASSWORD"] or None,
+            dbname=settings_dict["NAME"],
+            autocommit=True,
+        ) as connection:
+            own = connection.info.backend_pid
+            while True:
+                pids = [
+                    pid
+                    for (pid,) in connection.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                    ).fetchall()
+                    if pid != own
+                ]
+                for pid in pids:
+                    self.per_pid[pid] = max(self.per_pid.get(pid, 0.0), process_cpu_seconds(pid))
+                if self._stop.wait(0.25):
+                    return
+
+    def __enter__(self) -> "ServerCpuSampler":
+        self._baseline = {}
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def seconds(self) -> float:
+        return sum(self.per_pid.values())
+
+
+# Where the collector's CPU goes, by the cumulative CPU time of these functions (file suffix, name).
+PROFILE_PARTS = [
+    ("fetch: whole request (incl. the rest below)", "apps/connectors/exchanges.py", "fetch_ohlcv"),
+    ("  rate limit (shared bucket, UPDATE ... RETURNING)", "apps/ratelimits/models.py", "acquire"),
+    ("  HTTP (requests/urllib3)", "requests/sessions.py", "request"),
+    ("  JSON decode of the answer", "json/__init__.py", "loads"),
+    ("  ccxt parse_ohlcvs", "ccxt/base/exchange.py", "parse_ohlcvs"),
+    ("clean_rows (checks, ascending, dedupe)", "apps/jobs/collect.py", "clean_rows"),
+    ("store: upsert_candles", "apps/marketdata/store.py", "upsert_candles"),
+    ("indicators: update_indicators", "apps/marketdata/indicators.py", "update_indicators"),
+    ("gaps: sync_gaps", "apps/marketdata/gaps.py", "sync_gaps"),
+    ("cursor UPDATE per page", "apps/jobs/collect.py", "_save_cursor"),
+    ("run progress + heartbeat", "apps/jobs/collect.py", "_after_page"),
+]
+
+
+@contextlib.contextmanager
+def profile_threads() -> Iterator[list]:
+    """Profile every thread started inside the block (and this one) on its own CPU clock."""
+    import cProfile
+
+    profiles: list = []
+    original_run = threading.Thread.run
+
+    def run(self: threading.Thread) -> None:
+        profile = cProfile.Profile(time.thread_time)
+        profiles.append(profile)
+        profile.runcall(original_run, self)
+
+    main = cProfile.Profile(time.thread_time)
+    profiles.append(main)
+    threading.Thread.run = run  # type: ignore[method-assign]
+    main.enable()
+    try:
+        yield profiles
+    finally:
+        main.disable()
+        threading.Thread.run = original_run  # type: ignore[method-assign]
+
+
+def print_profile(profiles: list, wall: float) -> None:
+    import pstats
+
+    stats = pstats.Stats(profiles[0])
+    for profile in profiles[1:]:
+        with contextlib.suppress(TypeError):  # a thread that never ran has no stats
+            stats.add(profile)
+    entries = stats.stats  # type: ignore[attr-defined]
+    total = sum(tt for (_, _, tt, _, _) in entries.values())
+    print(f"  collector CPU profiled: {total:.1f}s over {wall:.1f}s wall ({total / wall:.2f} cores)")
+    for label, suffix, name in PROFILE_PARTS:
+        cumulative = sum(
+            ct
+            for (path, _, function), (_, _, _, ct, _) in entries.items()
+            if function == name and path.endswith(suffix)
+        )
+        print(f"    {label:<52} {cumulative:7.1f}s  {cumulative / total:5.1%}")
+    print("  top functions by own CPU time:")
+    for (path, line, function), (_, calls, tt, ct, _) in sorted(entries.items(), key=lambda e: -e[1][2])[:15]:
+        where = "/".join(path.split("/")[-2:])
+        print(f"    {tt:7.2f}s own {ct:7.2f}s cum {calls:>9} calls  {where}:{line} {function}")
+
+
+def ceiling(fake: "RemoteFake", symbols: list[str], since_ms: int, now_ms: int) -> dict:
+    """A raw ccxt fetch loop that stores nothing: one thread per symbol, Binance's raw klines endpoint
+    (`publicGetKlines`, no parse_ohlcv), paced in process at 99% of the server's weight per minute."""
+    import ccxt
+
+    weight_per_second = SERVER_LIMIT * 0.99 / 60
+    lock = threading.Lock()
+    next_at = [time.monotonic()]
+
+    def pace(weight: int) -> None:
+        with lock:
+            at = max(next_at[0], time.monotonic())
+            next_at[0] = at + weight / weight_per_second
+        time.sleep(max(0.0, at - time.monotonic()))
+
+    spot_only = {"fetchMarkets": {"types": ["spot"]}, "fetchMargins": False, "fetchCurrencies": False}
+    first = ccxt.binance(fake.ccxt_options(timeout=30_000, options=spot_only))
+    first.load_markets()
+    candles = [0] * len(symbols)
+    end = now_ms // MINUTE * MINUTE - MINUTE
+
+    def loop(index: int, symbol: str) -> None:
+        client = ccxt.binance(fake.ccxt_options(timeout=30_000, options=spot_only))
+        client.set_markets(first.markets)
+        since = since_ms
+        while since <= end:
+            pace(2)
+            rows = client.publicGetKlines(
+                {"symbol": client.market_id(symbol), "interval": "1m", "startTime": since, "limit": 1000}
+            )
+            rows = [row for row in rows if int(row[0]) <= end]
+            if not rows:
+                break
+            candles[index] += len(rows)
+            since = int(rows[-1][0]) + MINUTE
+
+    fake.reset()
+    cpu, fake_cpu = time.process_time(), process_cpu_seconds(fake.pid)
+    started = time.monotonic()
+    threads = [threading.Thread(target=loop, args=(i, symbol)) for i, symbol in enumerate(symbols)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - started
+    fake.refresh()
+    return {
+        "seconds": elapsed,
+        "candles": sum(candles),
+        "rate": sum(candles) / elapsed,
+        "share": fake.counts["weight"] / (SERVER_LIMIT * elapsed / 60),
+        "429": fake.counts["429"],
+        "cpu": time.process_time() - cpu,
+        "fake_cpu": process_cpu_seconds(fake.pid) - fake_cpu,
+    }
+
+
 def _serve_fake(control, kwargs: dict) -> None:
     """The child process: serve a FakeBinance and answer the parent's requests for its counters."""
     from tests.fakes.binance import FakeBinance
@@ -153,6 +348,7 @@ class RemoteFake:
         self._process = context.Process(target=_serve_fake, args=(child, kwargs), name="fake-binance", daemon=True)
         self._process.start()
         self.url: str = self._control.recv()
+        self.pid: int = self._process.pid or 0
         self.counts: dict[str, int] = {}
         self.weight_per_minute: dict[int, int] = {}
         self.weight_per_second: dict[int, int] = {}
@@ -213,7 +409,11 @@ def all_busy_share(fake: RemoteFake, started: float, workers: int) -> tuple[floa
     return used / (SERVER_LIMIT * len(seconds) / 60), float(len(seconds))
 
 
-def run_once(fake, symbols: list[str], since_ms: int, workers: int, prefetch: int) -> dict:
+def run_once(
+    fake, symbols: list[str], since_ms: int, workers: int, prefetch: int, processes: int, profile: bool
+) -> dict:
+    import resource
+
     from django.core.management import call_command
 
     from apps.connectors.models import Connector
@@ -228,13 +428,21 @@ def run_once(fake, symbols: list[str], since_ms: int, workers: int, prefetch: in
     )
     fake.reset()
     out = io.StringIO()
-    with MemorySampler() as memory:
+    args = [
+        "backfill", "--exchange", "binance", "--symbol", ",".join(symbols), "--timeframe", "1m",
+        "--since", str(since_ms), "--workers", str(workers), "--prefetch", str(prefetch),
+    ]  # fmt: skip
+    if processes > 1:
+        args += ["--processes", str(processes)]
+    cpu, children = time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    fake_cpu = process_cpu_seconds(fake.pid)
+    profiled = contextlib.nullcontext([]) if not profile else profile_threads()
+    with MemorySampler() as memory, ServerCpuSampler() as server, profiled as profiles:
         started, started_wall = time.monotonic(), time.time()
-        call_command(
-            "backfill", "--exchange", "binance", "--symbol", ",".join(symbols), "--timeframe", "1m",
-            "--since", str(since_ms), "--workers", str(workers), "--prefetch", str(prefetch), stdout=out, verbosity=0,
-        )  # fmt: skip
+        call_command(*args, stdout=out, verbosity=0)
         elapsed = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    children_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
     fake.refresh()
     candles = Candle.objects.count()
     weight = fake.counts["weight"]
@@ -258,16 +466,23 @@ def run_once(fake, symbols: list[str], since_ms: int, workers: int, prefetch: in
         "429": fake.counts["429"],
         "418": fake.counts["418"],
         "memory": memory.quartiles_mb(),
+        "cpu": time.process_time() - cpu + children_cpu,
+        "server_cpu": server.seconds(),
+        "fake_cpu": process_cpu_seconds(fake.pid) - fake_cpu,
+        "profiles": profiles,
     }
 
 
 def main() -> None:
-    days = float(os.environ.get("BENCH_BACKFILL_DAYS", "90"))
+    days = float(os.environ.get("BENCH_BACKFILL_DAYS", "365"))
     symbol_count = int(os.environ.get("BENCH_BACKFILL_SYMBOLS", "5"))
-    worker_counts = [int(w) for w in _env_list("BENCH_BACKFILL_WORKERS", "1,4")]
-    scenarios = _env_list("BENCH_BACKFILL_SCENARIOS", "binance,budget")
+    worker_counts = [int(w) for w in _env_list("BENCH_BACKFILL_WORKERS", "5")]
+    process_counts = [int(p) for p in _env_list("BENCH_BACKFILL_PROCESSES", "1")]
+    scenarios = _env_list("BENCH_BACKFILL_SCENARIOS", "binance")
     latency = float(os.environ.get("BENCH_BACKFILL_LATENCY_MS", "20"))
     prefetch = int(os.environ.get("BENCH_BACKFILL_PREFETCH", "2"))
+    with_ceiling = os.environ.get("BENCH_BACKFILL_CEILING", "1") == "1"
+    profile = os.environ.get("BENCH_BACKFILL_PROFILE", "0") == "1"
     symbols = SYMBOLS[:symbol_count]
 
     with scratch_database():
@@ -281,28 +496,40 @@ def main() -> None:
         print(
             f"{len(symbols)} symbols x {days:g} days of 1m = {len(symbols) * int(days * DAY // MINUTE):,} candles; "
             f"server: {latency:g} ms latency, {SERVER_LIMIT} weight per clock minute; bucket: 5,400/min + burst 300; "
-            f"--prefetch {prefetch}"
+            f"--prefetch {prefetch}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
         )
         try:
+            if with_ceiling:
+                c = ceiling(fake, symbols, since_ms, now_ms)
+                print(
+                    f"\n[ceiling] raw ccxt loop (publicGetKlines, {len(symbols)} threads, stores nothing): "
+                    f"{c['candles']:,} candles in {c['seconds']:.1f}s = {c['rate']:,.0f}/s, {c['share']:.0%} of the "
+                    f"budget, {c['429']} x 429; CPU: loop {c['cpu']:.1f}s, fake server {c['fake_cpu']:.1f}s",
+                    flush=True,
+                )
             for scenario in scenarios:
                 page = 1000 if scenario == "binance" else 100
                 exchanges.PROFILES["binance"] = dataclasses.replace(original_profile, page_limit=page)
                 print(f"\n[{scenario}] pages of {page} candles, klines weight {original_profile.klines_weight}")
                 print(
-                    "workers  seconds  candles/s  requests  weight  share (whole run)  share (all workers busy)  "
-                    "full minutes (weight)  429  418  RSS MB at 25/50/75/100%"
+                    "procs  workers  seconds  candles/s  requests  weight  share (whole run)  share (all busy)  "
+                    "full minutes (weight)  429  418  RSS MB at 25/50/75/100%  CPU s: collector/PostgreSQL/fake"
                 )
-                for workers in worker_counts:
-                    r = run_once(fake, symbols, since_ms, workers, prefetch)
-                    memory = "/".join(f"{mb:.0f}" for mb in r["memory"])
-                    busy = f"{r['busy_share']:.0%} over {r['busy_seconds']:.0f}s" if r["busy_seconds"] else "-"
-                    minutes = ",".join(str(used) for used in r["full_minutes"][:6]) or "-"
-                    print(
-                        f"{r['workers']:>7}  {r['seconds']:>7.1f}  {r['rate']:>9,.0f}  {r['requests']:>8}  "
-                        f"{r['weight']:>6}  {r['share']:>17.0%}  {busy:>24}  {minutes:>21}  "
-                        f"{r['429']:>3}  {r['418']:>3}  {memory}",
-                        flush=True,
-                    )
+                for processes in process_counts:
+                    for workers in worker_counts:
+                        r = run_once(fake, symbols, since_ms, workers, prefetch, processes, profile and processes == 1)
+                        memory = "/".join(f"{mb:.0f}" for mb in r["memory"])
+                        busy = f"{r['busy_share']:.0%} over {r['busy_seconds']:.0f}s" if r["busy_seconds"] else "-"
+                        minutes = ",".join(str(used) for used in r["full_minutes"][:6]) or "-"
+                        print(
+                            f"{processes:>5}  {r['workers']:>7}  {r['seconds']:>7.1f}  {r['rate']:>9,.0f}  "
+                            f"{r['requests']:>8}  {r['weight']:>6}  {r['share']:>17.0%}  {busy:>16}  {minutes:>21}  "
+                            f"{r['429']:>3}  {r['418']:>3}  {memory:>23}  "
+                            f"{r['cpu']:.1f}/{r['server_cpu']:.1f}/{r['fake_cpu']:.1f}",
+                            flush=True,
+                        )
+                        if r["profiles"]:
+                            print_profile(r["profiles"], r["seconds"])
         finally:
             exchanges.PROFILES["binance"] = original_profile
             fake.stop()

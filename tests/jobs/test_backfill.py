@@ -82,6 +82,7 @@ def test_dates_are_iso_in_utc_or_epoch_milliseconds(value, expected):
         (["--until", "2023-12-31"], "--until '2023-12-31' must be after --since '2024-01-01'"),
         (["--workers", "0"], "--workers must be at least 1"),
         (["--prefetch", "-1"], "--prefetch must be 0 or more"),
+        (["--processes", "0"], "--processes must be at least 1"),
     ],
 )
 def test_bad_arguments_are_refused_before_anything_is_fetched(simulated, args, message):
@@ -135,6 +136,28 @@ def test_backfill_collects_every_series_through_jobs_and_runs():
         assert run.worker.startswith("backfill:")
     assert "Backfill: 2928 candles written" in output
     assert "0 rate-limit answers (429/418), 0 open gaps" in output
+
+
+@pytest.mark.django_db(transaction=True)
+def test_several_processes_share_the_series_and_collect_each_once():
+    Connector.objects.create(exchange_id="simulated")
+    with time_machine.travel(NOW, tick=False):
+        output = backfill(
+            "--exchange", "simulated", "--symbol", "BTC/USDT,ETH/USDT", "--timeframe", "1m,1h",
+            "--since", "2024-02-29T12:00", "--workers", "2", "--processes", "2",
+        )  # fmt: skip
+
+    for job in Job.objects.all():
+        step = 60_000 if job.timeframe == "1m" else 3_600_000
+        last_closed = datetime_to_ms(NOW) // step * step - step
+        expected_ts = list(range(datetime_to_ms(datetime(2024, 2, 29, 12, tzinfo=UTC)), last_closed + 1, step))
+        assert [row[0] for row in store.read_candles("simulated", job.symbol, job.timeframe)] == expected_ts
+        assert (job.cursor, job.lease_owner) == (last_closed, "")
+        (run,) = Run.objects.filter(job=job)
+        assert run.status == Run.Status.SUCCESS
+        assert f":{os.getpid()}:" not in run.worker  # collected by a child process
+    assert "Backfill: 2928 candles written" in output
+    assert output.count(": done;") == 4
 
 
 @pytest.mark.django_db(transaction=True)

@@ -13,7 +13,9 @@ the next backfill on this host takes over the leases of a backfill process that 
 
 import contextlib
 import functools
+import multiprocessing
 import os
+import queue
 import signal
 import sys
 import threading
@@ -21,14 +23,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import close_old_connections, connection
+from django.db import close_old_connections, connection, connections
 from django.utils.dateparse import parse_date, parse_datetime
 from tqdm import tqdm
 
+from apps.connectors import exchanges
 from apps.connectors.exchanges import ExchangeError, PermanentExchangeError, get_client
 from apps.connectors.models import Connector
 from apps.jobs.collect import CollectionFailed, CollectResult, collect_job
@@ -97,7 +100,16 @@ class Command(BaseCommand):
         parser.add_argument(
             "--until", help=f"End (exclusive) of the history to fetch; default: the last closed candle. {DATE_HELP}."
         )
-        parser.add_argument("--workers", type=int, default=1, help="Jobs collected concurrently (threads).")
+        parser.add_argument(
+            "--workers", type=int, default=1, help="Jobs collected concurrently by each process (threads)."
+        )
+        parser.add_argument(
+            "--processes",
+            type=int,
+            default=1,
+            help="Processes sharing the jobs, each taking whole series as it becomes free (one Python process "
+            "uses one core). Default 1.",
+        )
         parser.add_argument(
             "--prefetch",
             type=int,
@@ -137,6 +149,10 @@ class Command(BaseCommand):
             total = self.ride_out(lambda: sum(self.expected_slots(job, since_ms, until_ms) for job in jobs))
         except DatabaseUnavailable as exc:
             raise CommandError(f"{exc}; nothing was collected. Run the same command again once it is back.") from None
+        started = time.monotonic()
+        if options["processes"] > 1:
+            # Started before the progress bar, whose monitor thread a fork should not copy.
+            events = self.start_processes(jobs, options["processes"], workers, lease_seconds, until_ms)
         bar = tqdm(
             total=total,
             unit=" candles",
@@ -152,15 +168,96 @@ class Command(BaseCommand):
             with lock:
                 bar.update(slots)
 
-        started = time.monotonic()
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="backfill") as pool:
-            futures = [
-                pool.submit(self.collect_one, job, backfill_owner(index), lease_seconds, until_ms, progress)
-                for index, job in enumerate(jobs)
-            ]
-            outcomes = [future.result() for future in futures]
+        if options["processes"] > 1:
+            outcomes = self.gather(jobs, events, progress)
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="backfill") as pool:
+                futures = [
+                    pool.submit(self.collect_one, job, backfill_owner(index), lease_seconds, until_ms, progress)
+                    for index, job in enumerate(jobs)
+                ]
+                outcomes = [future.result() for future in futures]
         bar.close()
         self.report(outcomes, time.monotonic() - started)
+
+    # --- Several processes ------------------------------------------------------------------------------
+
+    def start_processes(
+        self, jobs: list[Job], processes: int, workers: int, lease_seconds: float, until_ms: int | None
+    ) -> Any:
+        """Fork `processes` children that share `jobs` through a queue; returns the queue of their events.
+
+        Each child runs `workers` threads, each taking the next whole series; the leases they take are the
+        same as in one process, so the children, a scheduler and other backfills never collect one series
+        at once, and the shared rate limit keeps them all within the exchange's budget together.
+        """
+        context = multiprocessing.get_context("fork")
+        todo, events = context.Queue(), context.Queue()
+        for index in range(len(jobs)):
+            todo.put(index)
+        # Nothing a child could share by accident: database connections and ccxt sessions are made anew.
+        connections.close_all()
+        exchanges.clear_clients()
+        self.children = []
+        for _ in range(processes):
+            child = context.Process(
+                target=self.child, args=(jobs, todo, events, workers, lease_seconds, until_ms), daemon=False
+            )
+            child.start()
+            self.children.append(child)
+        return events
+
+    def child(self, jobs: list[Job], todo: Any, events: Any, workers: int, lease_seconds: float, until_ms) -> None:
+        """A child process: collect series from `todo` until none is left, reporting to `events`."""
+        self.children = []  # the signal handler (inherited) forwards signals only from the parent
+
+        def progress(slots: int, _written: int) -> None:
+            events.put(("progress", slots))
+
+        def take() -> None:
+            while not self.stopping.is_set():
+                try:
+                    index = todo.get_nowait()
+                except queue.Empty:
+                    return
+                _job, result, outcome = self.collect_one(
+                    jobs[index], backfill_owner(index), lease_seconds, until_ms, progress
+                )
+                events.put(("done", index, result, outcome))
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="backfill") as pool:
+            for future in [pool.submit(take) for _ in range(workers)]:
+                future.result()
+        events.put(("exit", self.gave_up_on_database.is_set()))
+        events.close()
+        events.join_thread()
+
+    def gather(self, jobs: list[Job], events: Any, progress: Callable[[int, int], None]) -> list:
+        """The parent's part: show the children's progress, collect their outcomes, wait for them."""
+        outcomes: dict[int, tuple[Job, CollectResult | None, str]] = {}
+        exited = 0
+        while exited < len(self.children):
+            try:
+                event = events.get(timeout=0.5)
+            except queue.Empty:
+                if not any(child.is_alive() for child in self.children):
+                    break  # a child killed before saying goodbye
+                continue
+            if event[0] == "progress":
+                progress(event[1], 0)
+            elif event[0] == "done":
+                _, index, result, outcome = event
+                outcomes[index] = (jobs[index], result, outcome)
+            else:
+                exited += 1
+                if event[1]:
+                    self.gave_up_on_database.set()
+        for child in self.children:
+            child.join()
+        for job in jobs:
+            with contextlib.suppress(Exception):
+                self.ride_out(job.refresh_from_db)
+        return [outcomes.get(index, (job, None, "not started")) for index, job in enumerate(jobs)]
 
     def ride_out(self, step: Callable[[], T]) -> T:
         """Run a database step through an outage of up to --max-outage seconds (DatabaseUnavailable after)."""
@@ -180,6 +277,8 @@ class Command(BaseCommand):
             )
         if options["workers"] < 1:
             raise CommandError(f"--workers must be at least 1, got {options['workers']}.")
+        if options["processes"] < 1:
+            raise CommandError(f"--processes must be at least 1, got {options['processes']}.")
         if options["prefetch"] < 0:
             raise CommandError(f"--prefetch must be 0 or more, got {options['prefetch']}.")
 
@@ -348,6 +447,10 @@ class Command(BaseCommand):
                 self.stderr.write("\nSecond signal: exiting now (cursors are saved up to the last whole page).")
                 os._exit(130)
             self.stopping.set()
+            for child in getattr(self, "children", ()):
+                # A signal sent to this process alone (not to its group, as Ctrl-C is) reaches the children too.
+                with contextlib.suppress(OSError):
+                    os.kill(child.pid, signum)
             self.stderr.write("\nStopping after the current page of each job; run the same command again to resume.")
 
         signal.signal(signal.SIGINT, handler)
