@@ -66,6 +66,20 @@ class CollectionConfig:
     default_history_candles: int = 1000
     # How long `backfill` waits for the database to come back before it stops with its summary.
     database_outage_seconds: float = 300.0
+    # A job fails only after this long without a page: transient exchange errors are retried until then.
+    no_progress_timeout_seconds: float = 600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryConfig:
+    """How a request is retried inside the exchange client, and the shared circuit breaker's thresholds."""
+
+    initial_seconds: float = 0.5  # ceiling of the first jittered backoff; doubles per failure
+    max_seconds: float = 30.0  # cap of the backoff
+    acquire_timeout_seconds: float = 120.0  # longest wait for the shared rate limit in one attempt
+    circuit_threshold: int = 8  # consecutive transient failures, across every worker, that open the circuit
+    circuit_cooldown_seconds: float = 60.0  # open this long, then half-open: one trial request at a time
+    circuit_successes_to_close: int = 3  # trial successes in a row that close it again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +88,7 @@ class CollectorConfig:
     indicators: IndicatorConfig = IndicatorConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     collection: CollectionConfig = CollectionConfig()
+    retry: RetryConfig = RetryConfig()
 
     def rate_limit_for(self, exchange_id: str) -> RateLimitConfig:
         return self.rate_limits.get(exchange_id) or self.rate_limits["default"]
@@ -94,6 +109,9 @@ _POSITIVE = {
     "rsi",
     "ema",
     "sma",
+    "no_progress_timeout_seconds",
+    "circuit_threshold",
+    "circuit_successes_to_close",
 }
 
 
@@ -186,6 +204,11 @@ def load_config(path: str | Path) -> CollectorConfig:
         raise ConfigError(f"{path}: {exc}") from None
     if "default" not in config.rate_limits:
         raise ConfigError(f"{path}: rate_limits.default: required key is missing (weight_per_minute, burst)")
+    if config.retry.initial_seconds > config.retry.max_seconds:
+        raise ConfigError(
+            f"{path}: retry.initial_seconds ({config.retry.initial_seconds:g}) must not exceed "
+            f"retry.max_seconds ({config.retry.max_seconds:g})"
+        )
     for macd in config.indicators.macd:
         if macd.fast >= macd.slow:
             raise ConfigError(f"{path}: indicators.macd: fast ({macd.fast}) must be less than slow ({macd.slow})")

@@ -8,6 +8,7 @@ with exponential backoff and jitter. The bucket and the breaker live in the data
 every machine backs off together; nothing here is process state another worker needs.
 """
 
+import collections
 import copy
 import dataclasses
 import functools
@@ -28,8 +29,11 @@ from urllib.parse import urlsplit
 import ccxt
 import tenacity
 from django.conf import settings
+from django.utils import timezone
 
 from apps.marketdata.timeframes import timeframe_ms
+from apps.ratelimits.models import RateLimit, RateLimitTimeout
+from datacollector.config import get_config
 
 SIMULATED = "simulated"
 
@@ -108,20 +112,47 @@ def offline_timeframes(exchange_id: str) -> tuple[str, ...]:
 
 @dataclasses.dataclass
 class RetryPolicy:
-    """How one request is retried inside a client before the error reaches the scheduler."""
+    """How one request is retried inside a client, and the shared circuit breaker's thresholds.
 
-    attempts: int = 5
+    Read from collector.yaml (`retry`, and `collection.no_progress_timeout_seconds`) unless a test or a
+    benchmark sets `RETRY_POLICY`.
+    """
+
     initial_seconds: float = 0.5
     max_seconds: float = 30.0
-    # Longest wait for the shared rate limit before giving up on this run (the scheduler retries later).
+    # Longest wait for the shared rate limit in one attempt (then the attempt counts as failed).
     acquire_timeout_seconds: float = 120.0
     # Consecutive transient failures, across every worker, that open an exchange's circuit, and for how long.
     circuit_threshold: int = 8
     circuit_cooldown_seconds: float = 60.0
+    circuit_successes_to_close: int = 3
+    # A request is retried until this long has passed without an answer (so a job fails only when no page
+    # arrived for this long).
+    no_progress_seconds: float = 600.0
+    # A cap on the attempts of one request; None: only `no_progress_seconds` ends the retries.
+    attempts: int | None = None
+
+    @classmethod
+    def from_config(cls) -> "RetryPolicy":
+        config = get_config()
+        retry = config.retry
+        return cls(
+            initial_seconds=retry.initial_seconds,
+            max_seconds=retry.max_seconds,
+            acquire_timeout_seconds=retry.acquire_timeout_seconds,
+            circuit_threshold=retry.circuit_threshold,
+            circuit_cooldown_seconds=retry.circuit_cooldown_seconds,
+            circuit_successes_to_close=retry.circuit_successes_to_close,
+            no_progress_seconds=config.collection.no_progress_timeout_seconds,
+        )
 
 
-# Module-level so tests and benchmarks can shorten the waits; production uses the defaults.
-RETRY_POLICY = RetryPolicy()
+# Tests and benchmarks may set a policy here; None: collector.yaml's.
+RETRY_POLICY: RetryPolicy | None = None
+
+
+def retry_policy() -> RetryPolicy:
+    return RETRY_POLICY or RetryPolicy.from_config()
 
 
 @dataclasses.dataclass
@@ -138,7 +169,7 @@ class RequestStats:
 
 
 class _Retryable(TransientExchangeError):
-    """A transient error worth retrying at once inside the client (network trouble, not unknown errors)."""
+    """A transient error the client retries itself, with backoff, until no answer came for too long."""
 
 
 # Permanent: nothing a retry can change. Checked before the transient branch because ccxt's tree is
@@ -156,6 +187,12 @@ _PERMANENT = (
     ccxt.ExchangeClosedByUser,
 )
 
+# Binance's codes for trouble on its side (ccxt 4.5.90 maps -1000 and -1001 to OperationFailed, -1003 to
+# RateLimitExceeded, -1007 to RequestTimeout and leaves -1008 unmapped, a plain ExchangeError): -1000
+# unknown error, -1001 internal error / disconnected, -1003 too many requests, -1007 backend timeout,
+# -1008 server overloaded. Whatever class ccxt picks, they are worth retrying.
+TRANSIENT_EXCHANGE_CODES = frozenset({-1000, -1001, -1003, -1007, -1008})
+
 _HINTS: list[tuple[type[Exception], str]] = [
     (ccxt.BadSymbol, "the exchange does not list this symbol; check the job's symbol against its markets"),
     (ccxt.AuthenticationError, "the exchange rejected the credentials; check the API key environment variables"),
@@ -169,6 +206,28 @@ _HINTS: list[tuple[type[Exception], str]] = [
 ]
 
 
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """What the exchange answered to the failed request, when it answered at all."""
+
+    status: int | None = None  # HTTP status
+    code: int | None = None  # the exchange's own error code (Binance: {"code": -1008, "msg": ...})
+    message: str = ""
+
+    @classmethod
+    def from_body(cls, status: int | None, body: object) -> "Answer":
+        code, message = None, ""
+        if isinstance(body, str) and body.startswith("{") and len(body) < 4096:
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict):
+                raw_code, message = parsed.get("code"), str(parsed.get("msg") or "")
+                code = raw_code if isinstance(raw_code, int) and not isinstance(raw_code, bool) else None
+        return cls(status, code, message)
+
+
 def _describe(exchange_id: str, exc: BaseException) -> str:
     hint = next((text for cls, text in _HINTS if isinstance(exc, cls)), "exchange error")
     detail = str(exc).strip()
@@ -177,18 +236,48 @@ def _describe(exchange_id: str, exc: BaseException) -> str:
     return f"{exchange_id}: {hint} ({type(exc).__name__}: {detail})"
 
 
-def classify(exchange_id: str, exc: BaseException, retry_after: float | None = None) -> ExchangeError:
-    """Map a ccxt (or parsing) exception to our two kinds, with a message the operator can act on."""
+def classify(
+    exchange_id: str, exc: BaseException, retry_after: float | None = None, answer: Answer | None = None
+) -> ExchangeError:
+    """Map a ccxt (or parsing) exception to our two kinds, with a message the operator can act on.
+
+    The HTTP status and the exchange's code (`answer`) win over ccxt's class: an HTTP 5xx is the
+    exchange's trouble whatever its body says, and so are the codes in TRANSIENT_EXCHANGE_CODES.
+    """
     if isinstance(exc, ExchangeError):
         return exc
     message = _describe(exchange_id, exc)
+    answer = answer or Answer()
+    if (answer.status is not None and answer.status >= 500) or answer.code in TRANSIENT_EXCHANGE_CODES:
+        return _Retryable(message, retry_after)
     if isinstance(exc, _PERMANENT):
         return PermanentExchangeError(message)
     if isinstance(exc, ccxt.NetworkError | ccxt.BadResponse | ccxt.NullResponse):
         return _Retryable(message, retry_after)
-    # Unknown exchange errors (ccxt.ExchangeError with an unmapped code) and malformed bodies ccxt could
-    # not parse: not worth hammering at once, but the scheduler retries the job later with backoff.
+    # Unknown exchange errors (ccxt.ExchangeError with an unmapped code): not worth hammering at once,
+    # but the scheduler retries the job later with backoff.
     return TransientExchangeError(message, retry_after)
+
+
+def fault_label(exc: BaseException, answer: Answer | None = None) -> str:
+    """A short name for what went wrong, for counting in the message of a job that made no progress."""
+    answer = answer or Answer()
+    if answer.status is not None and answer.status >= 400:
+        parts = [f"HTTP {answer.status}"]
+        if answer.code is not None:
+            parts.append(str(answer.code))
+        if answer.message:
+            parts.append(answer.message.split(".")[0][:80])
+        return " ".join(parts)
+    if isinstance(exc, _CircuitOpen):
+        return "circuit open"
+    if isinstance(exc, ccxt.RequestTimeout):
+        return "timeout"
+    if isinstance(exc, ccxt.BadResponse | ccxt.NullResponse):
+        return "truncated body"
+    if isinstance(exc, ccxt.NetworkError):
+        return "connection reset"
+    return type(exc).__name__
 
 
 def _retry_after_seconds(headers: Any) -> float | None:
@@ -203,51 +292,128 @@ def _retry_after_seconds(headers: Any) -> float | None:
         return None
 
 
+class _CircuitOpen(_Retryable):
+    """The exchange's shared circuit is open (or half-open with another worker's trial in flight)."""
+
+
+class NoProgress(TransientExchangeError):
+    """No answer for `no_progress_seconds`: the message counts what kept failing."""
+
+
+# While half-open and another worker holds the trial, ask again this often.
+_TRIAL_POLL_SECONDS = 1.0
+
+
 class _Guard:
     """The shared limiter, the circuit breaker and the retries around every request of one exchange."""
 
-    def __init__(self, exchange_id: str, weight_limit_per_minute: int | None, bucket_capacity: float | None) -> None:
+    # Replaced in tests so the retry loop runs without real sleeps.
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+    sleep: Callable[[float], None] = staticmethod(time.sleep)
+
+    def __init__(
+        self,
+        exchange_id: str,
+        weight_limit_per_minute: int | None,
+        bucket_capacity: float | None,
+        refill_per_second: float | None = None,
+    ) -> None:
         self.exchange_id = exchange_id
         self.weight_limit_per_minute = weight_limit_per_minute
         self.bucket_capacity = bucket_capacity
+        self.refill_per_second = refill_per_second
         self.stats = RequestStats()
 
-    def call(self, weight: int, send: Callable[[], T], headers: Callable[[], Any] = lambda: None) -> T:
-        policy = RETRY_POLICY
+    @property
+    def _limit(self) -> tuple[float, float] | None:
+        if self.bucket_capacity is None or self.refill_per_second is None:
+            return None
+        return float(self.bucket_capacity), self.refill_per_second
+
+    def call(
+        self,
+        weight: int,
+        send: Callable[[], T],
+        headers: Callable[[], Any] = lambda: None,
+        answer: Callable[[], Answer | None] = lambda: None,
+    ) -> T:
+        """Send with retries: transient errors are retried with capped, jittered backoff until
+        `no_progress_seconds` pass without an answer; then `NoProgress` names what kept failing."""
+        policy = retry_policy()
+        started = self.clock()
+        deadline = started + policy.no_progress_seconds
+        faults: collections.Counter[str] = collections.Counter()
+
+        def stop(state: tenacity.RetryCallState) -> bool:
+            if policy.attempts is not None and state.attempt_number >= policy.attempts:
+                return True
+            exc = state.outcome.exception() if state.outcome else None
+            retry_after = getattr(exc, "retry_after", None) or 0.0
+            # A wait the deadline cannot hold (a long ban) is the scheduler's business, not a sleep here.
+            return self.clock() + retry_after >= deadline
 
         def wait(state: tenacity.RetryCallState) -> float:
             # Full jitter: a random wait up to the exponential ceiling, so workers that failed together
-            # do not come back together.
+            # do not come back together; never shorter than what the exchange asked (Retry-After).
             backoff = tenacity.wait_random_exponential(multiplier=policy.initial_seconds, max=policy.max_seconds)(state)
             exc = state.outcome.exception() if state.outcome else None
             retry_after = getattr(exc, "retry_after", None) or 0.0
-            return max(backoff, retry_after)
+            return max(0.0, min(max(backoff, retry_after), deadline - self.clock()))
 
         retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(policy.attempts),
+            stop=stop,
             wait=wait,
+            sleep=self.sleep,
             retry=tenacity.retry_if_exception_type(_Retryable),
             reraise=True,
         )
         try:
-            return retrying(self._attempt, weight, send, headers, policy)
+            return retrying(self._attempt, weight, send, headers, answer, policy, faults)
         except _Retryable as exc:
-            # Surface a plain transient error: the retries are spent, the scheduler takes over.
-            raise TransientExchangeError(str(exc), exc.retry_after) from exc
+            # The retries are spent: the scheduler takes over, told what kept failing.
+            if policy.attempts is not None and retrying.statistics.get("attempt_number", 0) >= policy.attempts:
+                raise TransientExchangeError(str(exc), exc.retry_after) from exc
+            counted = ", ".join(f"{count} x {label}" for label, count in faults.most_common())
+            seconds = self.clock() - started
+            raise NoProgress(
+                f"{self.exchange_id}: no answer for {seconds:.0f} s: {counted} (last: {exc})", exc.retry_after
+            ) from exc
 
-    def _attempt(self, weight: int, send: Callable[[], T], headers: Callable[[], Any], policy: RetryPolicy) -> T:
-        from apps.ratelimits.models import RateLimit, RateLimitTimeout
+    def _attempt(
+        self,
+        weight: int,
+        send: Callable[[], T],
+        headers: Callable[[], Any],
+        answer: Callable[[], Answer | None],
+        policy: RetryPolicy,
+        faults: "collections.Counter[str]",
+    ) -> T:
+        try:
+            return self._attempt_once(weight, send, headers, answer, policy)
+        except _Retryable as exc:
+            faults[getattr(exc, "label", None) or fault_label(exc)] += 1
+            raise
 
+    def _attempt_once(
+        self,
+        weight: int,
+        send: Callable[[], T],
+        headers: Callable[[], Any],
+        answer: Callable[[], Answer | None],
+        policy: RetryPolicy,
+    ) -> T:
         # Whether the breaker has anything to reset after a success, read by the same query that checks it:
-        # most requests then need no write at all (a success used to cost an UPDATE round trip each time).
-        failures_recorded = self._check_circuit()
+        # most requests then need no write at all.
+        failures_recorded, trial = self._check_circuit(policy)
         try:
             self.stats.rate_limit_wait += RateLimit.objects.acquire(
-                self.exchange_id, weight, policy.acquire_timeout_seconds
+                self.exchange_id, weight, policy.acquire_timeout_seconds, self._limit
             )
         except RateLimitTimeout as exc:
             # Not an exchange failure: the shared budget is spent (or the exchange banned us for a while).
-            raise TransientExchangeError(str(exc), exc.wait) from exc
+            error = _Retryable(str(exc), exc.wait)
+            error.label = "no rate-limit tokens"  # type: ignore[attr-defined]
+            raise error from exc
         self.stats.requests += 1
         try:
             result = send()
@@ -259,36 +425,30 @@ class _Guard:
                 self.stats.rate_limited += 1
                 # The exchange asked every caller to back off: pause the shared bucket, not just us.
                 RateLimit.objects.block(self.exchange_id, retry_after if retry_after is not None else 60.0)
-            error = classify(self.exchange_id, exc, retry_after)
+            what = answer()
+            error = classify(self.exchange_id, exc, retry_after, what)
             if isinstance(error, PermanentExchangeError):
                 raise error from exc
+            error.label = fault_label(exc, what)  # type: ignore[attr-defined]
             self.stats.failures += 1
             opened = RateLimit.objects.record_failure(
                 self.exchange_id, policy.circuit_threshold, policy.circuit_cooldown_seconds
             )
             if opened:
                 logger.warning("circuit opened for %s after repeated failures: %s", self.exchange_id, error)
-                raise TransientExchangeError(
-                    f"{error} (circuit opened for {policy.circuit_cooldown_seconds:.0f}s)",
-                    policy.circuit_cooldown_seconds,
-                ) from exc
-            if isinstance(error, _Retryable) and retry_after is not None and retry_after > policy.max_seconds:
-                # A long ban (418) is the scheduler's business, not a sleep inside a worker.
-                raise TransientExchangeError(str(error), retry_after) from exc
             raise error from exc
         self._observe(headers())
-        if failures_recorded:
+        if trial or failures_recorded:
             # A failure another worker records between our check and here is reset by the next success
             # that sees it: the count is of consecutive failures, and this success was one.
-            RateLimit.objects.record_success(self.exchange_id)
+            RateLimit.objects.record_success(self.exchange_id, trial, policy.circuit_successes_to_close)
+            if trial:
+                logger.info("%s: trial request succeeded while the circuit is half-open", self.exchange_id)
         return result
 
-    def _check_circuit(self) -> bool:
-        """Raise while the exchange's circuit is open; else whether failures are recorded against it."""
-        from django.utils import timezone
-
-        from apps.ratelimits.models import RateLimit
-
+    def _check_circuit(self, policy: RetryPolicy) -> tuple[bool, bool]:
+        """Raise while the exchange's circuit is open; else (failures recorded against it, this is the
+        half-open circuit's one trial request)."""
         now = timezone.now()
         state = (
             RateLimit.objects.filter(exchange_id=self.exchange_id)
@@ -296,15 +456,43 @@ class _Guard:
             .first()
         )
         if state is None:  # no bucket yet: acquire creates it, with nothing recorded
-            return False
+            return False, False
         failures, open_until = state
-        if open_until is not None and open_until > now:
+        if open_until is None:
+            return bool(failures), False
+        if open_until > now:
             seconds = (open_until - now).total_seconds()
-            raise TransientExchangeError(
+            raise _CircuitOpen(
                 f"{self.exchange_id}: circuit open after repeated failures; no requests for {seconds:.0f}s more",
                 seconds,
             )
-        return bool(failures) or open_until is not None
+        # Half-open: one trial at a time across every worker; the others wait for its outcome.
+        if RateLimit.objects.claim_trial(self.exchange_id, policy.circuit_cooldown_seconds):
+            return bool(failures), True
+        raise _CircuitOpen(
+            f"{self.exchange_id}: circuit half-open, another worker's trial request is in flight",
+            _TRIAL_POLL_SECONDS,
+        )
+
+    def learn_announced(self, weight_per_minute: int) -> None:
+        """The exchange announced its request weight per minute: cap the shared bucket and measure the
+        used-weight header against it from now on."""
+        row, changed = RateLimit.objects.learn_announced_limit(self.exchange_id, weight_per_minute, self._limit)
+        if changed and row.capped:
+            # Logged by the one process whose markets load changed what the database knew: once per change.
+            logger.warning(
+                "%s announces %d request weight per minute; the configured %.0f/min (burst %.0f) is capped "
+                "to %.0f/min (burst %.0f)",
+                self.exchange_id,
+                weight_per_minute,
+                row.configured_weight_per_minute,
+                row.configured_capacity,
+                row.refill_per_second * 60,
+                row.capacity,
+            )
+        if self.weight_limit_per_minute is None or weight_per_minute < self.weight_limit_per_minute:
+            self.weight_limit_per_minute = weight_per_minute
+        self.bucket_capacity, self.refill_per_second = row.capacity, row.refill_per_second
 
     def _observe(self, headers: Any) -> None:
         if not headers or not self.weight_limit_per_minute:
@@ -317,12 +505,13 @@ class _Guard:
         except ValueError:
             logger.warning("%s sent an unreadable used-weight header: %r", self.exchange_id, used)
             return
-        if self.bucket_capacity is not None and self.weight_limit_per_minute - used >= self.bucket_capacity:
-            # The bucket never holds more than its capacity, so this much headroom changes nothing:
-            # skip the two queries (most answers, when only the collector uses the exchange).
-            return
-        from apps.ratelimits.models import RateLimit
-
+        if self.bucket_capacity is not None and self.refill_per_second is not None:
+            # What the bucket can still grant in this minute: its capacity at most, plus the refill until
+            # the minute rolls over. Less headroom than that changes nothing: skip the query (most answers,
+            # when only the collector uses the exchange and the minute is young).
+            seconds_left = 60.0 - time.time() % 60.0
+            if self.weight_limit_per_minute - used >= self.bucket_capacity + self.refill_per_second * seconds_left:
+                return
         RateLimit.objects.observe_used_weight(self.exchange_id, used, self.weight_limit_per_minute)
 
 
@@ -341,6 +530,12 @@ class ExchangeProfile:
     weight_limit_per_minute: int | None = None
     # Options merged UNDER the connector's (the connector wins), keeping ccxt to what collection needs.
     default_config: dict = dataclasses.field(default_factory=dict)
+    # ccxt's implicit method of the exchange's own klines endpoint, whose rows are Binance-style arrays
+    # [open time, "open", "high", "low", "close", "volume", ...]: fetched raw, they skip ccxt's generic
+    # parse_ohlcv (about 5 us a candle) and keep its transport, signing and error mapping. None: fetch_ohlcv.
+    raw_klines: str | None = None
+    # The exchange announces its limits in exchangeInfo.rateLimits (Binance): the bucket is capped to them.
+    announces_limits: bool = False
 
 
 PROFILES: dict[str, ExchangeProfile] = {
@@ -358,15 +553,47 @@ PROFILES: dict[str, ExchangeProfile] = {
         default_config={
             "options": {"fetchMarkets": {"types": ["spot"]}, "fetchMargins": False, "fetchCurrencies": False}
         },
+        raw_klines="publicGetKlines",
+        announces_limits=True,
     ),
 }
+
+_INTERVAL_SECONDS = {"SECOND": 1, "MINUTE": 60, "HOUR": 3600, "DAY": 86400}
+
+
+def announced_weight_per_minute(body: str) -> int | None:
+    """The strictest REQUEST_WEIGHT limit of a Binance exchangeInfo body, per minute; None if it has none.
+
+    Only the `rateLimits` array is decoded (the body lists every market and weighs megabytes).
+    """
+    at = body.find('"rateLimits":')
+    if at < 0:
+        return None
+    try:
+        limits, _ = json.JSONDecoder().raw_decode(body, at + len('"rateLimits":'))
+    except ValueError:
+        return None
+    per_minute = []
+    for entry in limits if isinstance(limits, list) else []:
+        if not isinstance(entry, dict) or entry.get("rateLimitType") != "REQUEST_WEIGHT":
+            continue
+        seconds = _INTERVAL_SECONDS.get(entry.get("interval")) or 0
+        try:
+            seconds *= int(entry.get("intervalNum", 1))
+            limit = int(entry["limit"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if seconds > 0 and limit > 0:
+            per_minute.append(limit * 60 // seconds)
+    return min(per_minute, default=None)
+
 
 _DEFAULT_PROFILE = ExchangeProfile()
 
 MARKETS_TTL_SECONDS = 3600.0
 
 # Loaded markets per (exchange id, urls/options), shared by the clients of this process' threads.
-_markets_cache: dict[str, tuple[float, dict]] = {}
+_markets_cache: dict[str, tuple[float, dict, int | None]] = {}
 _markets_lock = threading.Lock()
 
 
@@ -447,6 +674,7 @@ class CcxtClient:
         credentials: dict[str, str] | None = None,
         weight_limit_per_minute: int | None = None,
         bucket_capacity: float | None = None,
+        refill_per_second: float | None = None,
     ) -> None:
         self.exchange_id = exchange_id
         self.profile = PROFILES.get(exchange_id, _DEFAULT_PROFILE)
@@ -464,9 +692,25 @@ class CcxtClient:
             self._send = self.exchange.fetch
             self.exchange.fetch = self._fetch_own_hosts_only
         self._markets_key = json.dumps([exchange_id, options or {}], sort_keys=True, default=str)
-        self._guard = _Guard(exchange_id, weight_limit_per_minute, bucket_capacity)
+        self._guard = _Guard(exchange_id, weight_limit_per_minute, bucket_capacity, refill_per_second)
         self.stats = self._guard.stats
         self._markets_loaded_at: float | None = None
+        # The status and body of the last answer, for classifying a failure by what the exchange said.
+        self._status: int | None = None
+        self._body: Any = None
+        self._announced: int | None = None
+        self._on_rest_response = self.exchange.on_rest_response
+        self.exchange.on_rest_response = self._record_answer
+
+    def _record_answer(self, code: int, reason: str, url: str, method: str, headers: Any, body: Any, *rest: Any) -> Any:
+        # ccxt hands every HTTP answer through on_rest_response before it parses or maps it to an error.
+        self._status, self._body = code, body
+        if self.profile.announces_limits and isinstance(body, str) and url.endswith("/exchangeInfo"):
+            self._announced = announced_weight_per_minute(body)
+        return self._on_rest_response(code, reason, url, method, headers, body, *rest)
+
+    def _answer(self) -> Answer | None:
+        return Answer.from_body(self._status, self._body) if self._status is not None else None
 
     def __repr__(self) -> str:
         return f"<CcxtClient {self.exchange_id}>"
@@ -486,9 +730,16 @@ class CcxtClient:
         return self.exchange.last_response_headers
 
     def _request(self, weight: int, send: Callable[[], T]) -> T:
-        # Headers of a previous response must not be mistaken for this one's when it fails early.
-        self.exchange.last_response_headers = None
-        return self._guard.call(weight, send, self._headers)
+        def attempt() -> T:
+            # What a previous attempt was answered must not be mistaken for this one's when it fails early.
+            self.exchange.last_response_headers = None
+            self._status = self._body = None
+            return send()
+
+        try:
+            return self._guard.call(weight, attempt, self._headers, self._answer)
+        finally:
+            self._body = None  # an exchangeInfo body weighs megabytes
 
     def _ensure_markets(self) -> None:
         fresh = self._markets_loaded_at is not None and time.monotonic() - self._markets_loaded_at < MARKETS_TTL_SECONDS
@@ -496,14 +747,18 @@ class CcxtClient:
             return
         # The threads of one process share what one of them loaded (Binance's exchangeInfo weighs 20).
         with _markets_lock:
-            loaded_at, markets = _markets_cache.get(self._markets_key, (None, None))
+            loaded_at, markets, announced = _markets_cache.get(self._markets_key, (None, None, None))
         if loaded_at is None or time.monotonic() - loaded_at >= MARKETS_TTL_SECONDS:
+            self._announced = None
             self._request(self.profile.markets_weight, lambda: self.exchange.load_markets(reload=True))
-            loaded_at = time.monotonic()
+            loaded_at, announced = time.monotonic(), self._announced
             with _markets_lock:
-                _markets_cache[self._markets_key] = (loaded_at, self.exchange.markets)
+                _markets_cache[self._markets_key] = (loaded_at, self.exchange.markets, announced)
         else:
             self.exchange.set_markets(markets)
+        if announced is not None:
+            # Before the first klines request: from now on this client never spends more than announced.
+            self._guard.learn_announced(announced)
         self._markets_loaded_at = loaded_at
 
     def page_limit(self) -> int:
@@ -541,6 +796,11 @@ class CcxtClient:
                 f"{self.exchange_id}: timeframe {timeframe!r} is not offered; it offers {', '.join(timeframes)}"
             )
 
+        if self.profile.raw_klines:
+            return self._request(
+                self.request_weight(timeframe, limit), self._raw_klines(symbol, timeframe, since_ms, limit)
+            )
+
         def send() -> list[list[float]]:
             rows = self.exchange.fetch_ohlcv(symbol, timeframe, since=since_ms, limit=limit)
             if not isinstance(rows, list) or any(not isinstance(row, list) for row in rows):
@@ -549,6 +809,31 @@ class CcxtClient:
             return rows
 
         return self._request(self.request_weight(timeframe, limit), send)
+
+    def _raw_klines(self, symbol: str, timeframe: str, since_ms: int, limit: int) -> Callable[[], list[list[float]]]:
+        """The exchange's klines endpoint called through ccxt's implicit method, rows converted here."""
+        endpoint = getattr(self.exchange, self.profile.raw_klines or "")
+        params = {
+            "symbol": self.exchange.markets[symbol]["id"],
+            "interval": (self.exchange.timeframes or {}).get(timeframe, timeframe),
+            "startTime": int(since_ms),
+            "limit": int(limit),
+        }
+
+        def send() -> list[list[float]]:
+            raw = endpoint(params)
+            if not isinstance(raw, list):
+                # ccxt hands back the raw text of a body it could not parse as JSON (a truncated 200).
+                raise ccxt.BadResponse(f"unreadable klines response ({type(raw).__name__})")
+            try:
+                return [
+                    [int(row[0]), float(row[1]), float(row[2]), float(row[3]), float(row[4]), float(row[5])]
+                    for row in raw
+                ]
+            except (TypeError, ValueError, IndexError) as exc:
+                raise ccxt.BadResponse(f"unreadable klines row ({exc})") from exc
+
+        return send
 
 
 # --- The simulated exchange ---------------------------------------------------------------------------
@@ -589,6 +874,7 @@ class SimulatedClient:
         options: dict | None = None,
         weight_limit_per_minute: int | None = None,
         bucket_capacity: float | None = None,
+        refill_per_second: float | None = None,
     ) -> None:
         options = options or {}
         self.exchange_id = SIMULATED
@@ -596,7 +882,7 @@ class SimulatedClient:
         self.failure_rate = float(options.get("failure_rate", 0.0))
         self.seed = str(options.get("seed", "datacollector"))
         self._random = random.Random()
-        self._guard = _Guard(SIMULATED, weight_limit_per_minute, bucket_capacity)
+        self._guard = _Guard(SIMULATED, weight_limit_per_minute, bucket_capacity, refill_per_second)
         self.stats = self._guard.stats
 
     def __repr__(self) -> str:
@@ -735,16 +1021,19 @@ def get_client(connector: Any) -> ExchangeClient:
             connector.options,
             weight_limit,
             connector.rate_limit_burst,
+            connector.rate_limit_weight_per_minute,
             [getattr(connector, field, "") for field in CREDENTIAL_ENV_FIELDS],
         ],
         sort_keys=True,
         default=str,
     )
+    per_minute = connector.rate_limit_weight_per_minute
+    refill = per_minute / 60.0 if per_minute is not None else None
     cache: dict[str, ExchangeClient] = _local.__dict__.setdefault("clients", {})
     client = cache.get(key)
     if client is None:
         if connector.exchange_id == SIMULATED:
-            client = SimulatedClient(connector.options, weight_limit, connector.rate_limit_burst)
+            client = SimulatedClient(connector.options, weight_limit, connector.rate_limit_burst, refill)
         elif connector.exchange_id in ccxt.exchanges:
             client = CcxtClient(
                 connector.exchange_id,
@@ -752,6 +1041,7 @@ def get_client(connector: Any) -> ExchangeClient:
                 _credentials(connector),
                 weight_limit,
                 connector.rate_limit_burst,
+                refill,
             )
         else:
             raise PermanentExchangeError(f"unknown exchange id {connector.exchange_id!r}: not a ccxt exchange")

@@ -19,6 +19,7 @@ class RateLimitAdmin(admin.ModelAdmin):
         "tokens_now",
         "capacity",
         "refill_per_second",
+        "announced",
         "fill",
         "blocked_until",
         "circuit",
@@ -30,7 +31,17 @@ class RateLimitAdmin(admin.ModelAdmin):
         "updated_at",
     ]
     search_fields = ["exchange_id"]
-    readonly_fields = ["tokens_now", "fill", "circuit"]
+    readonly_fields = ["tokens_now", "fill", "circuit", "announced"]
+
+    @admin.display(description="Announced by the exchange")
+    def announced(self, rate_limit: RateLimit) -> str:
+        if rate_limit.announced_weight_per_minute is None:
+            return "-"
+        text = f"{rate_limit.announced_weight_per_minute:,}/min"
+        if rate_limit.capped:
+            configured = f"{rate_limit.configured_weight_per_minute:,.0f}/min"
+            return format_html("{} <strong>(configured {} capped to it)</strong>", text, configured)
+        return text
 
     @admin.display(description="Tokens now")
     def tokens_now(self, rate_limit: RateLimit) -> str:
@@ -48,6 +59,8 @@ class RateLimitAdmin(admin.ModelAdmin):
             return format_html(
                 '<strong style="color:#ba2121">open</strong> until {}', f"{rate_limit.circuit_open_until:%H:%M:%S} UTC"
             )
+        if state == "half-open":
+            return f"half-open ({rate_limit.circuit_successes} trial success(es) in a row)"
         blocked = rate_limit.blocked_until is not None and rate_limit.blocked_until > timezone.now()
         return "closed (exchange asked to back off)" if blocked else "closed"
 

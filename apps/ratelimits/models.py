@@ -12,11 +12,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import IntegrityError, connections, models, router, transaction
-from django.db.models import F
+from django.db.models import Case, F, Q, Value, When
+from django.db.models.functions import Now
 from django.db.models.signals import post_save
 from django.dispatch import receiver
 from django.utils import timezone
 from prometheus_client import Counter
+
+from datacollector.config import get_config
 
 # Process-local metrics (the totals across processes live on the row: granted, denied, ...).
 GRANTS = Counter("dc_ratelimit_grants_total", "Tokens requests granted by the shared bucket.", ["exchange"])
@@ -121,21 +124,28 @@ _DENY = {False: _DENY_SQL.format(commit_mode=_ASYNC), True: _DENY_SQL.format(com
 _GRANT_ATTEMPTS = 3
 _MIN_WAIT = 0.001
 
-# The exchange told us how much of its fixed-minute budget is used: our bucket may not hold more
-# than what is left. Out of budget entirely: pause everyone until the exchange's minute rolls over.
+# The exchange told us how much of its fixed-minute budget is used: what the bucket can still grant this
+# minute (its tokens plus the refill until the minute rolls over) may not exceed what is left. So the
+# tokens drop to `remaining` minus that refill, below zero if need be: the bucket then grants nothing more
+# until the exchange's next minute. Out of budget entirely: pause everyone until the minute rolls over.
 _OBSERVE_SQL = """
-WITH cur AS (
-    SELECT r.id, r.capacity, r.refill_per_second, r.tokens, r.updated_at, GREATEST(t.now, r.updated_at) AS now
-    FROM ratelimits_ratelimit r, (SELECT clock_timestamp() AS now) t
-    -- Most answers leave more than a full bucket of budget: then there is nothing to lock or write.
-    WHERE r.exchange_id = %(exchange_id)s AND %(remaining)s < r.capacity
+WITH t AS (
+    SELECT clock_timestamp() AS now
+), cur AS (
+    SELECT r.id, r.capacity, r.refill_per_second, r.tokens, r.updated_at, GREATEST(t.now, r.updated_at) AS now,
+           EXTRACT(EPOCH FROM (date_trunc('minute', t.now) + interval '1 minute' - t.now))::float8 AS left_s
+    FROM ratelimits_ratelimit r, t
+    -- Most answers leave more than the bucket can grant this minute: then there is nothing to lock or write.
+    WHERE r.exchange_id = %(exchange_id)s
+      AND %(remaining)s < r.capacity + r.refill_per_second
+          * EXTRACT(EPOCH FROM (date_trunc('minute', t.now) + interval '1 minute' - t.now))::float8
     FOR UPDATE OF r
 )
 UPDATE ratelimits_ratelimit AS r
-SET tokens = GREATEST(0, LEAST(
+SET tokens = GREATEST(-c.refill_per_second * c.left_s, LEAST(
         c.capacity,
         c.tokens + c.refill_per_second * EXTRACT(EPOCH FROM (c.now - c.updated_at))::float8,
-        %(remaining)s)),
+        %(remaining)s - c.refill_per_second * c.left_s)),
     updated_at = c.now,
     blocked_until = CASE WHEN %(remaining)s <= 0
         THEN GREATEST(r.blocked_until, date_trunc('minute', c.now) + interval '1 minute')
@@ -154,9 +164,10 @@ WHERE exchange_id = %(exchange_id)s
 RETURNING blocked_until
 """
 
-# The circuit opens when the failure count reaches the threshold while it is closed (or its cooldown
-# has passed: then one more failure re-opens it at once, the half-open behaviour). The locked CTE makes
-# "did this call open it" exact when several workers fail at the same moment.
+# The circuit opens when the failure count reaches the threshold while it is closed; while it is half-open
+# (the cooldown has passed, a trial may be in flight) any failure re-opens it at once. A failure while it
+# is open (a request sent before it opened) changes nothing but the count. The locked CTE makes "did
+# this call open it" exact when several workers fail at the same moment.
 _FAILURE_SQL = """
 WITH cur AS (
     SELECT id, circuit_failures + 1 AS failures, circuit_open_until, clock_timestamp() AS now
@@ -165,34 +176,42 @@ WITH cur AS (
     FOR UPDATE
 ), d AS (
     SELECT id, failures, now,
-           (failures >= %(threshold)s AND (circuit_open_until IS NULL OR circuit_open_until <= now)) AS opens
+           CASE WHEN circuit_open_until IS NULL THEN failures >= %(threshold)s
+                ELSE circuit_open_until <= now END AS opens
     FROM cur
 )
 UPDATE ratelimits_ratelimit AS r
 SET circuit_failures = d.failures,
     circuit_open_until = CASE WHEN d.opens THEN d.now + make_interval(secs => %(cooldown)s)
-                              ELSE r.circuit_open_until END
+                              ELSE r.circuit_open_until END,
+    circuit_successes = CASE WHEN d.opens THEN 0 ELSE r.circuit_successes END,
+    circuit_trial_until = CASE WHEN d.opens THEN NULL ELSE r.circuit_trial_until END
 FROM d
 WHERE r.id = d.id
 RETURNING d.opens
 """
 
-_SUCCESS_SQL = """
-UPDATE ratelimits_ratelimit
-SET circuit_failures = 0, circuit_open_until = NULL
-WHERE exchange_id = %(exchange_id)s AND (circuit_failures <> 0 OR circuit_open_until IS NOT NULL)
-"""
+# Of the budget an exchange announces, the share the shared bucket may promise: the rest is room for
+# requests made outside the collector (another program or a browser on the same IP).
+ANNOUNCED_SHARE = 0.95
+# A bucket capped to an announced budget keeps this share of it as its burst and refills the rest evenly.
+CAPPED_BURST_SHARE = 0.1
 
-_CONFIGURE_SQL = """
-INSERT INTO ratelimits_ratelimit
-    (exchange_id, capacity, refill_per_second, tokens, updated_at, circuit_failures, granted, denied,
-     tokens_used, wait_seconds)
-VALUES (%(exchange_id)s, %(capacity)s, %(refill)s, %(capacity)s, clock_timestamp(), 0, 0, 0, 0, 0)
-ON CONFLICT (exchange_id) DO UPDATE
-SET capacity = EXCLUDED.capacity,
-    refill_per_second = EXCLUDED.refill_per_second,
-    tokens = LEAST(ratelimits_ratelimit.tokens, EXCLUDED.capacity)
-"""
+
+def capped_limit(capacity: float, refill_per_second: float, announced_per_minute: int | None) -> tuple[float, float]:
+    """The bucket (capacity, refill per second) that never promises more than the exchange announces.
+
+    Exchanges like Binance count weight per fixed clock minute, and a bucket can grant its capacity plus
+    a minute of refill within one such minute: that sum must stay within the announced budget. A bucket
+    already within it is left as configured.
+    """
+    if announced_per_minute is None:
+        return capacity, refill_per_second
+    budget = ANNOUNCED_SHARE * announced_per_minute
+    if capacity + refill_per_second * 60.0 <= budget:
+        return capacity, refill_per_second
+    burst = min(capacity, CAPPED_BURST_SHARE * budget)
+    return burst, max(0.0, budget - burst) / 60.0
 
 
 class RateLimitQuerySet(models.QuerySet):
@@ -208,40 +227,79 @@ class RateLimitQuerySet(models.QuerySet):
         """The row, write-locked: FOR UPDATE where supported, the BEGIN IMMEDIATE lock on SQLite."""
         return self.select_for_update().get(exchange_id=exchange_id)
 
-    def ensure(self, exchange_id: str) -> "RateLimit":
-        """The exchange's row, created from its connector (or the YAML default) if missing; race-safe."""
+    def ensure(self, exchange_id: str, limit: tuple[float, float] | None = None) -> "RateLimit":
+        """The exchange's row, created if missing (race-safe) with `limit` (capacity, refill per second),
+        else collector.yaml's limit for the exchange. A connector's save configures its row; `limit` is
+        for callers that get to the bucket first."""
         row = self.filter(exchange_id=exchange_id).first()
         if row is not None:
             return row
-        capacity, refill = _configured_limit(exchange_id)
+        if limit is None:
+            default = get_config().rate_limit_for(exchange_id)
+            limit = (float(default.burst), default.refill_per_second)
+        capacity, refill = limit
         try:
             with transaction.atomic(using=self.db):
                 return self.create(
-                    exchange_id=exchange_id, capacity=capacity, refill_per_second=refill, tokens=capacity
+                    exchange_id=exchange_id,
+                    capacity=capacity,
+                    refill_per_second=refill,
+                    tokens=capacity,
+                    configured_capacity=capacity,
+                    configured_refill_per_second=refill,
                 )
         except IntegrityError:
             # Another process created it between our read and our insert: theirs is as good as ours.
             return self.get(exchange_id=exchange_id)
 
     def configure(self, exchange_id: str, capacity: float, refill_per_second: float) -> None:
-        """Create or update the bucket's size and refill rate, keeping the tokens already spent spent."""
-        if self._postgres():
-            self._fetch(_CONFIGURE_SQL, {"exchange_id": exchange_id, "capacity": capacity, "refill": refill_per_second})
-            return
+        """Set the bucket's configured size and refill (capped to what the exchange announces, if known),
+        keeping the tokens already spent spent."""
+        self.ensure(exchange_id, (capacity, refill_per_second))
         with transaction.atomic(using=self.db):
-            row = self.select_for_update().filter(exchange_id=exchange_id).first()
-            if row is None:
-                self.create(
-                    exchange_id=exchange_id, capacity=capacity, refill_per_second=refill_per_second, tokens=capacity
-                )
-                return
-            row.capacity, row.refill_per_second, row.tokens = capacity, refill_per_second, min(row.tokens, capacity)
-            row.save(update_fields=["capacity", "refill_per_second", "tokens"])
+            row = self._locked(exchange_id)
+            row.configured_capacity, row.configured_refill_per_second = capacity, refill_per_second
+            self._apply_cap(row)
 
-    def acquire_token(self, exchange_id: str, weight: float) -> float:
+    def learn_announced_limit(
+        self, exchange_id: str, weight_per_minute: int, limit: tuple[float, float] | None = None
+    ) -> tuple["RateLimit", bool]:
+        """The exchange announced its request weight per minute: cap the bucket to it. Returns the row and
+        whether this call changed what was known (so the caller logs it once, not on every markets load of
+        every worker). `limit` sizes the bucket if the exchange has no row yet, as in `ensure`."""
+        self.ensure(exchange_id, limit)
+        with transaction.atomic(using=self.db):
+            row = self._locked(exchange_id)
+            if row.announced_weight_per_minute == weight_per_minute:
+                return row, False
+            row.announced_weight_per_minute = weight_per_minute
+            self._apply_cap(row)
+            return row, True
+
+    def _apply_cap(self, row: "RateLimit") -> None:
+        configured = (
+            row.configured_capacity if row.configured_capacity is not None else row.capacity,
+            row.configured_refill_per_second if row.configured_refill_per_second is not None else row.refill_per_second,
+        )
+        row.configured_capacity, row.configured_refill_per_second = configured
+        row.capacity, row.refill_per_second = capped_limit(*configured, row.announced_weight_per_minute)
+        row.tokens = min(row.tokens, row.capacity)
+        row.save(
+            update_fields=[
+                "announced_weight_per_minute",
+                "configured_capacity",
+                "configured_refill_per_second",
+                "capacity",
+                "refill_per_second",
+                "tokens",
+            ]
+        )
+
+    def acquire_token(self, exchange_id: str, weight: float, limit: tuple[float, float] | None = None) -> float:
         """Take `weight` from the exchange's bucket: 0.0 if granted, else the seconds to wait first.
 
-        Nothing is taken on a refusal, so the caller sleeps the returned time and asks again.
+        Nothing is taken on a refusal, so the caller sleeps the returned time and asks again. `limit`
+        (capacity, refill per second) sizes the bucket if this is the exchange's first request.
         """
         if weight <= 0:
             raise ValueError(f"weight must be positive, got {weight!r}")
@@ -249,7 +307,7 @@ class RateLimitQuerySet(models.QuerySet):
             outcome = self._acquire_once(exchange_id, weight)
             if outcome is not None:
                 break
-            self.ensure(exchange_id)
+            self.ensure(exchange_id, limit)
         else:  # pragma: no cover - the row was deleted between ensure() and the retry
             raise RateLimit.DoesNotExist(f"no rate limit row for {exchange_id!r}")
         ok, wait, capacity = outcome
@@ -294,7 +352,9 @@ class RateLimitQuerySet(models.QuerySet):
             )
             return (decision.granted, decision.wait, row.capacity)
 
-    def acquire(self, exchange_id: str, weight: float, timeout: float = 60.0) -> float:
+    def acquire(
+        self, exchange_id: str, weight: float, timeout: float = 60.0, limit: tuple[float, float] | None = None
+    ) -> float:
         """Block until `weight` is granted; returns the seconds waited.
 
         Sleeps exactly the wait the bucket reports (no polling loop); another process may take the
@@ -304,7 +364,7 @@ class RateLimitQuerySet(models.QuerySet):
         waited = 0.0
         try:
             while True:
-                wait = self.acquire_token(exchange_id, weight)
+                wait = self.acquire_token(exchange_id, weight, limit)
                 if wait <= 0:
                     return waited
                 if waited + wait > timeout:
@@ -327,13 +387,17 @@ class RateLimitQuerySet(models.QuerySet):
             return
         with transaction.atomic(using=self.db):
             row = self.select_for_update().filter(exchange_id=exchange_id).first()
-            if row is None or remaining >= row.capacity:
+            now = timezone.now()
+            next_minute = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+            left = (next_minute - now).total_seconds()
+            if row is None or remaining >= row.capacity + row.refill_per_second * left:
                 return
-            now = max(timezone.now(), row.updated_at)
+            now = max(now, row.updated_at)
             refilled = min(row.capacity, row.tokens + (now - row.updated_at).total_seconds() * row.refill_per_second)
-            row.tokens, row.updated_at = max(0.0, min(refilled, remaining)), now
+            to_minute_end = row.refill_per_second * left
+            row.tokens = max(-to_minute_end, min(refilled, remaining - to_minute_end))
+            row.updated_at = now
             if remaining <= 0:
-                next_minute = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
                 row.blocked_until = max(row.blocked_until or next_minute, next_minute)
             row.save(update_fields=["tokens", "updated_at", "blocked_until"])
 
@@ -362,21 +426,55 @@ class RateLimitQuerySet(models.QuerySet):
             row = self._locked(exchange_id)
             now = timezone.now()
             row.circuit_failures += 1
-            opened = row.circuit_failures >= threshold and (
-                row.circuit_open_until is None or row.circuit_open_until <= now
-            )
+            if row.circuit_open_until is None:
+                opened = row.circuit_failures >= threshold
+            else:
+                opened = row.circuit_open_until <= now
             if opened:
                 row.circuit_open_until = now + timedelta(seconds=cooldown)
-            row.save(update_fields=["circuit_failures", "circuit_open_until"])
+                row.circuit_successes, row.circuit_trial_until = 0, None
+            row.save(
+                update_fields=["circuit_failures", "circuit_open_until", "circuit_successes", "circuit_trial_until"]
+            )
             return opened
 
-    def record_success(self, exchange_id: str) -> None:
-        """A request succeeded: close the circuit and forget the failures."""
-        if self._postgres():
-            self._fetch(_SUCCESS_SQL, {"exchange_id": exchange_id})
+    def claim_trial(self, exchange_id: str, lease_seconds: float) -> bool:
+        """Half-open: let exactly one request through, across every worker; True for the caller that gets it.
+
+        One conditional UPDATE, so two workers can never both win. The trial is leased: a worker that
+        dies holding it frees it after `lease_seconds`, and another worker may try.
+        """
+        now = Now()
+        won = (
+            self.filter(exchange_id=exchange_id, circuit_open_until__lte=now)
+            .filter(Q(circuit_trial_until__isnull=True) | Q(circuit_trial_until__lte=now))
+            .update(circuit_trial_until=now + timedelta(seconds=lease_seconds))
+        )
+        return bool(won)
+
+    def record_success(self, exchange_id: str, trial: bool = False, successes_to_close: int = 3) -> None:
+        """A request succeeded. A trial success counts towards closing the half-open circuit (closed after
+        `successes_to_close` in a row) and lets the next trial through; any other success resets the count
+        of consecutive failures of a closed circuit."""
+        if not trial:
+            self.filter(exchange_id=exchange_id, circuit_open_until__isnull=True).exclude(circuit_failures=0).update(
+                circuit_failures=0
+            )
             return
-        self.filter(exchange_id=exchange_id).exclude(circuit_failures=0, circuit_open_until=None).update(
-            circuit_failures=0, circuit_open_until=None
+        closes = Q(circuit_successes__gte=successes_to_close - 1)
+        self.filter(exchange_id=exchange_id, circuit_open_until__isnull=False).update(
+            circuit_failures=Case(
+                When(closes, then=Value(0)), default=F("circuit_failures"), output_field=models.PositiveIntegerField()
+            ),
+            circuit_open_until=Case(
+                When(closes, then=Value(None)), default=F("circuit_open_until"), output_field=models.DateTimeField()
+            ),
+            circuit_successes=Case(
+                When(closes, then=Value(0)),
+                default=F("circuit_successes") + 1,
+                output_field=models.PositiveIntegerField(),
+            ),
+            circuit_trial_until=None,
         )
 
 
@@ -395,7 +493,24 @@ class RateLimit(models.Model):
         default=0, help_text="Consecutive transient failures across all workers."
     )
     circuit_open_until = models.DateTimeField(
-        null=True, blank=True, help_text="Circuit breaker open: no requests to this exchange until then."
+        null=True,
+        blank=True,
+        help_text="Circuit breaker open: no requests until then; past it, half-open (one trial at a time).",
+    )
+    circuit_successes = models.PositiveIntegerField(
+        default=0, help_text="Trial requests in a row that succeeded while the circuit is half-open."
+    )
+    circuit_trial_until = models.DateTimeField(
+        null=True, blank=True, help_text="Half-open: the one trial request in flight holds the circuit until then."
+    )
+    announced_weight_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="The request weight per minute the exchange announces (exchangeInfo)."
+    )
+    configured_capacity = models.FloatField(
+        null=True, blank=True, help_text="Bucket size the connector asks for (capacity is it, capped)."
+    )
+    configured_refill_per_second = models.FloatField(
+        null=True, blank=True, help_text="Refill the connector asks for (refill_per_second is it, capped)."
     )
     granted = models.BigIntegerField(default=0)
     denied = models.BigIntegerField(default=0)
@@ -410,20 +525,21 @@ class RateLimit(models.Model):
     def __str__(self) -> str:
         return self.exchange_id
 
+    @property
+    def configured_weight_per_minute(self) -> float:
+        """The weight per minute the connector asks for, before any cap."""
+        refill = self.configured_refill_per_second
+        return (refill if refill is not None else self.refill_per_second) * 60.0
 
-def _configured_limit(exchange_id: str) -> tuple[float, float]:
-    """(capacity, refill per second) from the exchange's connector, else the YAML default."""
-    from apps.connectors.models import Connector  # The connectors app imports this module's signals.
-    from datacollector.config import get_config
+    @property
+    def effective_weight_per_minute(self) -> float:
+        return self.refill_per_second * 60.0
 
-    connector = Connector.objects.filter(exchange_id=exchange_id).first()
-    default = get_config().rate_limit_for(exchange_id)
-    if connector is None:
-        return float(default.burst), default.refill_per_second
-    burst = connector.rate_limit_burst if connector.rate_limit_burst is not None else default.burst
-    per_minute = connector.rate_limit_weight_per_minute
-    refill = per_minute / 60.0 if per_minute is not None else default.refill_per_second
-    return float(burst), refill
+    @property
+    def capped(self) -> bool:
+        """The exchange announces less than the connector asks for: the bucket is smaller than configured."""
+        configured = self.configured_capacity if self.configured_capacity is not None else self.capacity
+        return self.effective_weight_per_minute < self.configured_weight_per_minute or self.capacity < configured
 
 
 @receiver(post_save, sender="connectors.Connector", dispatch_uid="ratelimits.sync_connector")

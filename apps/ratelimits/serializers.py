@@ -16,15 +16,27 @@ def available_tokens(rate_limit: RateLimit, now: datetime | None = None) -> floa
 
 
 def circuit_state(rate_limit: RateLimit, now: datetime | None = None) -> str:
+    """closed; open (no requests until circuit_open_until); half-open (one trial request at a time)."""
     now = now or timezone.now()
-    if rate_limit.circuit_open_until is not None and rate_limit.circuit_open_until > now:
-        return "open"
-    return "closed"
+    if rate_limit.circuit_open_until is None:
+        return "closed"
+    return "open" if rate_limit.circuit_open_until > now else "half-open"
 
 
 class RateLimitSerializer(serializers.HyperlinkedModelSerializer):
     tokens_available = serializers.SerializerMethodField(help_text="Tokens in the bucket now (refilled since).")
-    circuit = serializers.SerializerMethodField(help_text="open: no requests until circuit_open_until.")
+    circuit = serializers.SerializerMethodField(
+        help_text="closed; open: no requests until circuit_open_until; half-open: one trial request at a time."
+    )
+    configured_weight_per_minute = serializers.FloatField(
+        read_only=True, help_text="The weight per minute the connector asks for."
+    )
+    effective_weight_per_minute = serializers.FloatField(
+        read_only=True, help_text="What the bucket refills per minute: the configured value, capped to the announced."
+    )
+    capped = serializers.BooleanField(
+        read_only=True, help_text="The exchange announces less than configured: the bucket is capped to it."
+    )
     blocked = serializers.SerializerMethodField(help_text="The exchange asked us to back off until blocked_until.")
 
     class Meta:
@@ -43,6 +55,12 @@ class RateLimitSerializer(serializers.HyperlinkedModelSerializer):
             "circuit",
             "circuit_failures",
             "circuit_open_until",
+            "circuit_successes",
+            "announced_weight_per_minute",
+            "configured_capacity",
+            "configured_weight_per_minute",
+            "effective_weight_per_minute",
+            "capped",
             "granted",
             "denied",
             "tokens_used",

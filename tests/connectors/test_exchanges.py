@@ -4,12 +4,14 @@ Waits here are real but short (a 0.3 s client timeout, a 1 s weight window); ret
 through `exchanges.RETRY_POLICY`.
 """
 
+import re
 import urllib.request
 from datetime import UTC, datetime
 from urllib.error import HTTPError
 
 import ccxt
 import pytest
+from django.utils import timezone
 
 from apps.connectors import exchanges
 from apps.connectors.exchanges import (
@@ -160,12 +162,14 @@ def test_repeated_failures_open_the_shared_circuit(client, fake, policy):
     policy.circuit_threshold = 3
     policy.circuit_cooldown_seconds = 30
     fake.script.extend(["server_error"] * 10)
-    with pytest.raises(TransientExchangeError, match="circuit opened"):
+    with pytest.raises(TransientExchangeError, match="circuit open"):
         client.fetch_ohlcv("BTC/USDT", "1m", SINCE, 10)
     assert len(fake.klines_requests) == 3
     assert RateLimit.objects.get(exchange_id="binance").circuit_open_until is not None
 
-    # Every worker stops: another client of the same exchange fails fast without a request.
+    # Every worker stops: another client of the same exchange sends nothing while the circuit is open
+    # (with one attempt allowed it says so at once instead of waiting for the cooldown).
+    policy.attempts = 1
     exchanges.clear_clients()
     other = get_client(Connector.objects.get(exchange_id="binance"))
     with pytest.raises(TransientExchangeError, match="circuit open") as caught:
@@ -213,3 +217,134 @@ def test_the_fake_server_bans_a_client_that_ignores_retry_after(fake):
             urllib.request.urlopen(url, timeout=2)
         answers.append((caught.value.code, bool(caught.value.headers["Retry-After"])))
     assert answers == [(429, True), (418, True)]
+
+
+@pytest.mark.parametrize("code", [-1000, -1001, -1007, -1008])
+def test_binance_5xx_error_bodies_are_retried_whatever_ccxt_maps_their_code_to(client, fake, code):
+    fake.faults.binance_codes = (code,)
+    fake.script.extend(["binance_error", "binance_error"])
+    rows = client.fetch_ohlcv("BTC/USDT", "1m", SINCE, 10)
+    assert len(rows) == 10
+    assert (client.stats.failures, fake.counts["binance_error"]) == (2, 2)
+
+
+def test_the_http_5xx_status_wins_over_a_permanent_class_ccxt_picked():
+    # ccxt 4.5.90 maps Binance's -1000 to OperationFailed and a 4xx-style body could map to BadRequest.
+    answer = exchanges.Answer.from_body(503, '{"code":-1121,"msg":"Invalid symbol."}')
+    assert type(classify("binance", ccxt.BadRequest("x"), answer=answer)) is exchanges._Retryable
+    overloaded = exchanges.Answer.from_body(200, '{"code":-1008,"msg":"Server is currently overloaded"}')
+    assert type(classify("binance", ccxt.ExchangeError("unmapped"), answer=overloaded)) is exchanges._Retryable
+    invalid = exchanges.Answer.from_body(400, '{"code":-1121,"msg":"Invalid symbol."}')
+    assert type(classify("binance", ccxt.BadSymbol("x"), answer=invalid)) is PermanentExchangeError
+
+
+def test_connection_resets_and_truncated_bodies_are_retried(client, fake):
+    fake.script.extend(["reset", "truncated", "reset"])
+    assert len(client.fetch_ohlcv("BTC/USDT", "1m", SINCE, 10)) == 10
+    assert client.stats.failures == 3
+
+
+class FakeClock:
+    """The guard's clock and sleep: retries wait without sleeping for real."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+        self.on_sleep = lambda seconds: None
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+        self.on_sleep(seconds)
+
+
+@pytest.fixture
+def fake_clock(monkeypatch) -> FakeClock:
+    clock = FakeClock()
+    monkeypatch.setattr(exchanges._Guard, "clock", staticmethod(clock.clock))
+    monkeypatch.setattr(exchanges._Guard, "sleep", staticmethod(clock.sleep))
+    return clock
+
+
+def test_retries_go_on_with_capped_backoff_until_no_answer_came_for_the_configured_time(
+    client, fake, policy, fake_clock
+):
+    policy.attempts, policy.initial_seconds, policy.max_seconds, policy.no_progress_seconds = None, 1, 20, 600
+    policy.circuit_threshold = 1000
+    fake.faults.binance_codes = (-1008,)
+    fake.script.extend(["binance_error", "truncated", "binance_error"] * 100)
+    with pytest.raises(exchanges.NoProgress) as caught:
+        client.fetch_ohlcv("BTC/USDT", "1m", SINCE, 10)
+    message = str(caught.value)
+    # It stops when the next wait would pass the 600 s.
+    assert 570 < int(re.match(r"binance: no answer for (\d+) s: ", message).group(1)) <= 600
+    assert "x HTTP 503 -1008 Server is currently overloaded with other requests," in message
+    assert "x truncated body" in message
+    assert max(fake_clock.slept) <= 20  # capped
+    assert len(set(fake_clock.slept)) > len(fake_clock.slept) // 2  # jittered
+    assert len(fake.klines_requests) > 30
+
+
+def test_a_request_answered_after_many_failures_is_not_a_failure(client, fake, policy, fake_clock):
+    policy.attempts, policy.initial_seconds, policy.max_seconds = None, 1, 20
+    fake.script.extend(["server_error"] * 20)
+    assert len(client.fetch_ohlcv("BTC/USDT", "1m", SINCE, 10)) == 10
+    assert fake_clock.now < 600
+
+
+def test_an_open_circuit_is_waited_out_then_one_trial_closes_it_after_three_successes(client, fake, policy, fake_clock):
+    policy.attempts, policy.circuit_threshold, policy.circuit_cooldown_seconds = None, 3, 30
+
+    # The database clock cannot be frozen: a sleep of the guard makes the cooldown have passed.
+    def cooldown_passes(seconds: float) -> None:
+        if seconds >= 1:
+            RateLimit.objects.filter(circuit_open_until__gt=timezone.now()).update(circuit_open_until=timezone.now())
+
+    fake_clock.on_sleep = cooldown_passes
+    fake.script.extend(["server_error"] * 3)
+    assert len(client.fetch_ohlcv("BTC/USDT", "1m", SINCE, 10)) == 10
+    assert round(max(fake_clock.slept)) == 30  # the open circuit's cooldown was waited out
+    row = RateLimit.objects.get(exchange_id="binance")
+    assert row.circuit_open_until is not None  # half-open ...
+    assert row.circuit_successes == 1  # ... after one trial succeeded
+    for _ in range(2):
+        client.fetch_ohlcv("BTC/USDT", "1m", SINCE, 10)
+    row = RateLimit.objects.get(exchange_id="binance")
+    assert (row.circuit_open_until, row.circuit_failures, row.circuit_successes) == (None, 0, 0)
+
+
+def test_the_raw_klines_path_returns_what_ccxts_fetch_ohlcv_returns(client, fake):
+    raw = client.fetch_ohlcv("BTC/USDT", "1h", SINCE, 5)
+    generic = client.exchange.fetch_ohlcv("BTC/USDT", "1h", since=SINCE, limit=5)
+    assert raw == generic
+    assert all(type(row[0]) is int for row in raw)
+
+
+def test_the_announced_weight_limit_caps_the_bucket_and_is_logged_once(db, fake, caplog):
+    fake.weight_limit = 300
+    connector = Connector.objects.create(exchange_id="binance", options=fake.ccxt_options(timeout=300))
+    assert connector.rate_limit_weight_per_minute == 5400  # collector.yaml's default for binance
+    client = get_client(connector)
+    client.markets()
+    row = RateLimit.objects.get(exchange_id="binance")
+    assert row.announced_weight_per_minute == 300
+    assert row.capped
+    # Burst plus a minute of refill within 95% of the announced 300.
+    assert row.capacity + row.refill_per_second * 60 <= 285.0001
+    assert (row.configured_capacity, row.configured_weight_per_minute) == (300, 5400)
+    assert client._guard.weight_limit_per_minute == 300  # the used-weight header is measured against it
+    exchanges.clear_clients()
+    get_client(connector).markets()
+    assert sum("capped" in record.getMessage() for record in caplog.records) == 1
+    # Saving the connector again keeps the cap.
+    connector.save()
+    assert RateLimit.objects.get(exchange_id="binance").capped
+
+
+def test_an_announced_limit_above_the_configured_one_changes_nothing(client, fake):
+    client.markets()
+    row = RateLimit.objects.get(exchange_id="binance")
+    assert (row.announced_weight_per_minute, row.capped, row.capacity, row.refill_per_second) == (6000, False, 300, 90)

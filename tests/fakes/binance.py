@@ -8,8 +8,10 @@ the limit the answer is 429 with `Retry-After`, and a client that keeps asking b
 
 The data is deterministic: candle values are a hash of (symbol, interval, open time), and the server's
 clock (`now_ms`) is fixed unless told otherwise, so a test knows exactly which candles are closed. Holes
-(candles the exchange itself lacks) and faults (5xx, timeouts, short and empty pages, truncated 200
-bodies, latency) are configurable; faults are drawn from a seeded random generator.
+(candles the exchange itself lacks) and faults (5xx with HTML or Binance error bodies, connection resets,
+timeouts, short and empty pages, truncated 200 bodies, latency) are configurable, each at its own rate;
+faults are drawn from a seeded random generator. `exchangeInfo.rateLimits` announces the limits as
+Binance does (REQUEST_WEIGHT, ORDERS, RAW_REQUESTS); the weight limit is enforced.
 
 Used by tests/jobs/test_binance_integration.py and benchmarks/bench_backfill.py; binds 127.0.0.1:0.
 """
@@ -21,6 +23,7 @@ import hashlib
 import json
 import math
 import random
+import socket
 import struct
 import threading
 import time
@@ -51,12 +54,26 @@ class Faults:
     """Shares (0..1) of klines requests that fail in each way; drawn from `seed`."""
 
     server_error: float = 0.0  # 500/502/503 with an HTML body
+    # HTTP 5xx with a Binance error body ({"code": -1008, "msg": "Server is currently overloaded..."}),
+    # the code drawn from `binance_codes`
+    binance_error: float = 0.0
+    reset: float = 0.0  # the connection is closed without an answer
     timeout: float = 0.0  # the answer comes after `timeout_seconds` (longer than the client waits)
     short_page: float = 0.0  # only the first part of the rows
     empty_page: float = 0.0  # []
     truncated: float = 0.0  # a 200 whose JSON body is cut off
     timeout_seconds: float = 1.0
     seed: int = 7
+    binance_codes: tuple[int, ...] = (-1008, -1000, -1001, -1007)
+
+
+# Binance's error bodies for trouble on its side, and the HTTP status each comes with.
+BINANCE_ERRORS = {
+    -1000: (500, "An unknown error occurred while processing the request."),
+    -1001: (502, "Internal error; unable to process your request. Please try again."),
+    -1007: (504, "Timeout waiting for response from backend server. Send status unknown; execution status unknown."),
+    -1008: (503, "Server is currently overloaded with other requests. Please try again in a few minutes."),
+}
 
 
 def _unit(*parts: object) -> float:
@@ -217,8 +234,12 @@ class FakeBinance:
         return {
             "timezone": "UTC",
             "serverTime": self.now_ms(),
+            # As Binance announces them; only REQUEST_WEIGHT is enforced here.
             "rateLimits": [
-                {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": self.weight_limit}
+                {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": self.weight_limit},
+                {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": 100},
+                {"rateLimitType": "ORDERS", "interval": "DAY", "intervalNum": 1, "limit": 200000},
+                {"rateLimitType": "RAW_REQUESTS", "interval": "MINUTE", "intervalNum": 5, "limit": 61000},
             ],
             "exchangeFilters": [],
             "symbols": symbols,
@@ -295,6 +316,11 @@ class FakeBinance:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def draw(self, choices: "list | tuple"):
+        """One of `choices`, from the faults' seeded generator (a run is repeatable)."""
+        with self._lock:
+            return self._random.choice(list(choices))
+
     def draw_fault(self) -> str | None:
         faults = self.faults
         with self._lock:
@@ -302,7 +328,7 @@ class FakeBinance:
                 fault = self.script.popleft()
                 return fault or None
             roll = self._random.random()
-        for name in ("server_error", "timeout", "short_page", "empty_page", "truncated"):
+        for name in ("server_error", "binance_error", "reset", "timeout", "short_page", "empty_page", "truncated"):
             share = getattr(faults, name)
             if roll < share:
                 return name
@@ -381,8 +407,19 @@ def _make_handler(fake: FakeBinance) -> type[BaseHTTPRequestHandler]:
             if fault:
                 fake.counts[fault] += 1
             if fault == "server_error":
-                status = random.choice([500, 502, 503])
+                status = fake.draw([500, 502, 503])
                 self._send(status, None, headers, raw=b"<html><body>Service Unavailable</body></html>")
+                return
+            if fault == "binance_error":
+                code = fake.draw(fake.faults.binance_codes)
+                status, msg = BINANCE_ERRORS[code]
+                self._send(status, {"code": code, "msg": msg}, headers)
+                return
+            if fault == "reset":
+                # SO_LINGER 0: close() sends a RST, so the client sees "connection reset by peer".
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+                self.connection.close()
                 return
             if fault == "timeout":
                 time.sleep(fake.faults.timeout_seconds)

@@ -80,12 +80,14 @@ def test_weight_above_capacity_is_a_clear_error(path):
     assert RateLimit.objects.get(exchange_id="testex").denied == 0
 
 
-def test_missing_row_is_created_from_the_connector(path):
+def test_missing_row_is_created_with_the_callers_limit(path):
+    # The exchange client passes its connector's limit: the ratelimits app itself knows no connector.
     Connector.objects.create(exchange_id="kraken", rate_limit_weight_per_minute=600, rate_limit_burst=7)
     RateLimit.objects.filter(exchange_id="kraken").delete()
-    assert acquire_token("kraken", 7) == 0.0
+    assert RateLimit.objects.acquire_token("kraken", 7, limit=(7, 10)) == 0.0
     row = RateLimit.objects.get(exchange_id="kraken")
     assert (row.capacity, row.refill_per_second, row.granted) == (7, 10, 1)
+    assert (row.configured_capacity, row.configured_refill_per_second) == (7, 10)
 
 
 def test_missing_row_without_connector_uses_the_yaml_default(path):
@@ -113,12 +115,19 @@ def test_retry_after_pauses_every_caller(path):
     assert RateLimit.objects.get(exchange_id="testex").denied == 1
 
 
-def test_reported_used_weight_drains_the_bucket(path):
+def seconds_to_next_minute() -> float:
+    now = timezone.now()
+    return (now.replace(second=0, microsecond=0) + timedelta(minutes=1) - now).total_seconds()
+
+
+def test_reported_used_weight_drains_the_bucket_counting_the_refill_until_the_minute_ends(path):
     bucket(capacity=300, refill=90)
     RateLimit.objects.observe_used_weight("testex", used_weight=5990, limit=6000)
-    assert RateLimit.objects.get(exchange_id="testex").tokens <= 10.1
-    assert acquire_token("testex", 10) == 0.0
-    assert acquire_token("testex", 10) > 0
+    row = RateLimit.objects.get(exchange_id="testex")
+    # What the bucket can still grant this minute (its tokens plus the refill until the minute rolls
+    # over) is at most the 10 the exchange has left.
+    assert row.tokens + 90 * seconds_to_next_minute() <= 10.01
+    assert row.tokens >= -90 * 60
 
 
 def test_reported_weight_leaving_more_than_a_bucket_changes_nothing(path):
@@ -133,21 +142,72 @@ def test_exhausted_exchange_budget_pauses_until_the_next_minute(path):
     bucket(capacity=300, refill=90)
     RateLimit.objects.observe_used_weight("testex", used_weight=6000, limit=6000)
     row = RateLimit.objects.get(exchange_id="testex")
-    assert row.tokens == 0
+    assert row.tokens + 90 * seconds_to_next_minute() <= 0.01
     assert row.blocked_until.second == 0
     assert row.blocked_until.microsecond == 0
     assert timezone.now() < row.blocked_until <= timezone.now() + timedelta(seconds=61)
     assert acquire_token("testex", 1) > 0
 
 
-def test_circuit_opens_at_the_threshold_and_closes_on_success(path):
+def test_circuit_opens_at_the_threshold_and_an_ordinary_success_does_not_close_it(path):
     bucket(capacity=10)
     opened = [RateLimit.objects.record_failure("testex", threshold=3, cooldown=60) for _ in range(4)]
     assert opened == [False, False, True, False]  # the fourth finds it open already
     assert 59 < acquire_token("testex", 1) <= 60
+    RateLimit.objects.record_success("testex")  # a request sent before it opened
+    row = RateLimit.objects.get(exchange_id="testex")
+    assert row.circuit_open_until is not None
+    assert row.circuit_failures == 4
+
+
+def test_success_of_a_closed_circuit_resets_the_failure_count(path):
+    bucket(capacity=10)
+    RateLimit.objects.record_failure("testex", threshold=3, cooldown=60)
     RateLimit.objects.record_success("testex")
     row = RateLimit.objects.get(exchange_id="testex")
     assert (row.circuit_failures, row.circuit_open_until) == (0, None)
+
+
+def half_open(exchange_id: str = "testex") -> None:
+    for _ in range(3):
+        RateLimit.objects.record_failure(exchange_id, threshold=3, cooldown=60)
+    RateLimit.objects.filter(exchange_id=exchange_id).update(circuit_open_until=timezone.now() - timedelta(seconds=1))
+
+
+def test_half_open_lets_one_trial_through_and_closes_after_three_trial_successes(path):
+    bucket(capacity=10)
+    half_open()
+    for success in range(1, 4):
+        assert RateLimit.objects.claim_trial("testex", lease_seconds=60) is True
+        # Every other worker waits for the trial's outcome.
+        assert RateLimit.objects.claim_trial("testex", lease_seconds=60) is False
+        RateLimit.objects.record_success("testex", trial=True, successes_to_close=3)
+        row = RateLimit.objects.get(exchange_id="testex")
+        if success < 3:
+            assert (row.circuit_successes, row.circuit_trial_until) == (success, None)
+            assert row.circuit_open_until is not None
+    assert (row.circuit_failures, row.circuit_open_until, row.circuit_successes) == (0, None, 0)
+
+
+def test_a_failed_trial_reopens_the_circuit_and_forgets_the_trial_successes(path):
+    bucket(capacity=10)
+    half_open()
+    assert RateLimit.objects.claim_trial("testex", lease_seconds=60)
+    RateLimit.objects.record_success("testex", trial=True, successes_to_close=3)
+    assert RateLimit.objects.claim_trial("testex", lease_seconds=60)
+    assert RateLimit.objects.record_failure("testex", threshold=3, cooldown=60) is True
+    row = RateLimit.objects.get(exchange_id="testex")
+    assert row.circuit_open_until > timezone.now() + timedelta(seconds=59)
+    assert (row.circuit_successes, row.circuit_trial_until) == (0, None)
+    assert RateLimit.objects.claim_trial("testex", lease_seconds=60) is False  # open: no trial yet
+
+
+def test_a_trial_whose_worker_died_is_taken_over_after_its_lease(path):
+    bucket(capacity=10)
+    half_open()
+    assert RateLimit.objects.claim_trial("testex", lease_seconds=60)
+    RateLimit.objects.filter(exchange_id="testex").update(circuit_trial_until=timezone.now() - timedelta(seconds=1))
+    assert RateLimit.objects.claim_trial("testex", lease_seconds=60)
     assert acquire_token("testex", 1) == 0.0
 
 
