@@ -43,13 +43,13 @@ SERIES = ("binance", "BTC/USDT", "1m")
 
 @contextmanager
 def timed_parts() -> Iterator[dict[str, float]]:
-    """Seconds spent reading, computing and writing inside the indicator module while the block runs."""
-    from apps.marketdata import indicators
+    """Seconds spent reading, computing and writing in the store and the indicator module while the block runs."""
+    from apps.marketdata import indicators, store
 
     parts: dict[str, float] = defaultdict(float)
     originals = {
-        "_read_closes": indicators._read_closes,
-        "write_indicators": indicators.write_indicators,
+        "read_closes": store.read_closes,
+        "write_indicators": store.write_indicators,
     }
     compute = indicators.IndicatorSet.compute
 
@@ -63,14 +63,14 @@ def timed_parts() -> Iterator[dict[str, float]]:
 
         return wrapper
 
-    indicators._read_closes = timer("read", originals["_read_closes"])
-    indicators.write_indicators = timer("write", originals["write_indicators"])
+    store.read_closes = timer("read", originals["read_closes"])
+    store.write_indicators = timer("write", originals["write_indicators"])
     indicators.IndicatorSet.compute = timer("compute", compute)
     try:
         yield parts
     finally:
-        indicators._read_closes = originals["_read_closes"]
-        indicators.write_indicators = originals["write_indicators"]
+        store.read_closes = originals["read_closes"]
+        store.write_indicators = originals["write_indicators"]
         indicators.IndicatorSet.compute = compute
 
 

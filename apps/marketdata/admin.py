@@ -146,6 +146,6 @@ class GapAdmin(admin.ModelAdmin):
             "opts": self.model._meta,
             "title": "Stored series",
             "rows": rows,
-            "backend": "MongoDB" if store.uses_mongo() else "embedded (SQL)",
+            "backend": store.backend_name(),
         }
         return TemplateResponse(request, "admin/marketdata/series_overview.html", context)

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from apps.marketdata import indicators, store
+from apps.marketdata import store
 from apps.marketdata.timeframes import ms_to_datetime, slot_after, slot_before
 
 WIDTH = 1100
@@ -83,7 +83,7 @@ def build_chart(exchange_id: str, symbol: str, timeframe: str, count: int) -> Ch
     for _ in range(count - 1):
         start = slot_before(timeframe, start)
     rows = store.read_candles(exchange_id, symbol, timeframe, start_ts=start, end_ts=last)
-    stored = dict(indicators.read_indicators(exchange_id, symbol, timeframe, start_ts=start, end_ts=last))
+    stored = dict(store.read_indicators(exchange_id, symbol, timeframe, start_ts=start, end_ts=last))
 
     span = max(slot_after(timeframe, last) - start, 1)
     plot_width = WIDTH - LEFT - RIGHT

@@ -45,50 +45,33 @@ recomputes to the end of the series (every EMA value after a revised candle chan
 from `from_ts` on. When the history before `from_ts` is shorter than the warm-up, the window starts
 at the series start, so the null prefix is always counted from the series start.
 
-Storage. MongoDB documents carry `values` as a mapping. The SQL table (IndicatorRow) packs them as
-float64 bytes beside the column names. A write first reads the stored rows of its range and compares
-bytes: new rows are INSERTed, changed rows upserted, identical rows left alone. A plain append of
-candles writes only the new rows, a repeated update nothing, and a revision only the rows from the
-revised candle on. (Values computed from different windows agree to 1e-10, not to the bit, so a
-recompute does rewrite rows an incremental update wrote.) On PostgreSQL an update of 1,000 candles
+Storage. The series store keeps the rows (store.write_indicators; MongoDB documents carry `values` as
+a mapping, the SQL table packs them as float64 bytes beside the column names). Stored rows that hold
+exactly the new values are left alone: a plain append of candles writes only the new rows, a repeated
+update nothing, and a revision only the rows from the revised candle on. (Values computed from
+different windows agree to 1e-10, not to the bit, so a recompute does rewrite rows an incremental
+update wrote.) On PostgreSQL an update of 1,000 candles
 costs about 10 ms, write included (benchmarks/bench_indicators.py).
 """
 
-import contextlib
 import dataclasses
 import functools
 import math
-import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
-import psycopg
-import psycopg.adapt
-import psycopg.errors
-import psycopg.pq
-from django.db import connection, transaction
-from pymongo import UpdateOne
-from pymongo.errors import BulkWriteError
 from ta.momentum import RSIIndicator
 from ta.trend import MACD, EMAIndicator, SMAIndicator
 from ta.volatility import BollingerBands
 
 from apps.marketdata import store
-from apps.marketdata.models import Candle, IndicatorRow, unpack_values
 from apps.marketdata.timeframes import timeframe_ms
 from datacollector.config import BollingerConfig, ConfigError, IndicatorConfig, MacdConfig, get_config
 
 EPSILON = 1e-10
 PRICE_SEED_BOUND = 10.0
 RSI_SEED_BOUND = 1e4
-
-# Rows per write: the SQL store compares a batch with the stored rows and sends it as two arrays
-# (PostgreSQL), MongoDB as one bulk message (kept well under its 48 MB cap), the ORM fallback as
-# multi-row INSERTs of SQL_BATCH rows (SQLite allows 32,766 parameters per statement).
-SQL_WRITE_BATCH = 5_000
-MONGO_BATCH = 1_000
-SQL_BATCH = 500
 
 DEFAULT_MACD = MacdConfig()
 DEFAULT_BOLLINGER = BollingerConfig()
@@ -316,10 +299,8 @@ def recompute_series(exchange_id: str, symbol: str, timeframe: str, config: Indi
     written = np.empty(0, dtype=np.int64)
     if first is not None:
         written = _recompute(exchange_id, symbol, timeframe, first, indicator_set(config))
-    stored = _stored_ts(exchange_id, symbol, timeframe)
-    orphans = np.setdiff1d(stored, written, assume_unique=True).tolist()
-    for start in range(0, len(orphans), store.ITER_CHUNK):
-        _delete_ts(exchange_id, symbol, timeframe, orphans[start : start + store.ITER_CHUNK])
+    stored = store.indicator_ts(exchange_id, symbol, timeframe)
+    store.delete_indicators(exchange_id, symbol, timeframe, np.setdiff1d(stored, written, assume_unique=True).tolist())
     return len(written)
 
 
@@ -329,7 +310,7 @@ def _recompute(exchange_id: str, symbol: str, timeframe: str, from_ts: int, indi
     if skip == len(ts):
         return ts[skip:]
     values = indicators.compute(close, at_series_start=at_series_start)
-    write_indicators(exchange_id, symbol, timeframe, ts[skip:], {name: v[skip:] for name, v in values.items()})
+    store.write_indicators(exchange_id, symbol, timeframe, ts[skip:], {name: v[skip:] for name, v in values.items()})
     return ts[skip:]
 
 
@@ -346,7 +327,7 @@ def _read_window(
     span = indicators.warmup + 1
     while True:
         start = from_ts - span * step
-        ts, close = _read_closes(exchange_id, symbol, timeframe, start)
+        ts, close = store.read_closes(exchange_id, symbol, timeframe, start)
         skip = int(np.searchsorted(ts, from_ts))
         if skip == len(ts):
             return ts, close, skip, False  # nothing at or after from_ts: no history needed
@@ -356,357 +337,3 @@ def _read_window(
         if first is None or first >= start:
             return ts, close, skip, True
         span *= 4
-
-
-def _read_closes(exchange_id: str, symbol: str, timeframe: str, start_ts: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ts, close) of the series' candles from `start_ts` on, as arrays.
-
-    Only the two columns are read, straight from the store's collection or table: an update reads a
-    thousand or so candles each time and a recompute millions, where full candle rows would cost more
-    than the computation. PostgreSQL returns them as two binary arrays that numpy reads in place,
-    rather than a Python tuple per candle.
-    """
-    if store.uses_mongo():
-        cursor = (
-            store.get_mongo_db()[store.CANDLES]
-            .find(store.mongo_filter(exchange_id, symbol, timeframe, start_ts, None), {"_id": 0, "ts": 1, "close": 1})
-            .sort("ts", 1)
-        )
-        rows = [(doc["ts"], doc["close"]) for doc in cursor]
-    elif connection.vendor == "postgresql":
-        connection.ensure_connection()
-        with psycopg.Cursor(connection.connection) as cursor:
-            cursor.adapters.register_loader(_INT8_ARRAY_OID, _RawLoader)
-            cursor.adapters.register_loader(_FLOAT8_ARRAY_OID, _RawLoader)
-            cursor.execute(
-                "SELECT array_agg(ts ORDER BY ts), array_agg(close ORDER BY ts) "
-                f"FROM {Candle._meta.db_table} "
-                "WHERE exchange_id = %s AND symbol = %s AND timeframe = %s AND ts >= %s",
-                [exchange_id, symbol, timeframe, start_ts],
-                binary=True,
-            )
-            ts, close = cursor.fetchone()
-        return _parse_binary_array(ts, _INT8), _parse_binary_array(close, _FLOAT8)
-    else:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"SELECT ts, close FROM {Candle._meta.db_table} "
-                "WHERE exchange_id = %s AND symbol = %s AND timeframe = %s AND ts >= %s ORDER BY ts",
-                [exchange_id, symbol, timeframe, start_ts],
-            )
-            rows = cursor.fetchall()
-    if not rows:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=float)
-    ts, close = zip(*rows, strict=True)
-    return np.array(ts, dtype=np.int64), np.array(close, dtype=float)
-
-
-def write_indicators(
-    exchange_id: str, symbol: str, timeframe: str, ts: np.ndarray, columns: dict[str, np.ndarray]
-) -> None:
-    """Store one row per ts whose values are exactly `columns` (NaN is null), keyed like the candles.
-
-    Rows that already hold exactly these values are left alone. That is every row of a repeated update
-    and of a recompute without a config change; an append of new candles writes only new rows, which
-    the SQL store inserts without ON CONFLICT's speculative insertion (half the cost on PostgreSQL).
-    """
-    if store.uses_mongo():
-        _mongo_write(exchange_id, symbol, timeframe, ts, columns)
-        return
-    packed = PackedRows.pack(ts, columns)
-    write = _postgres_write if connection.vendor == "postgresql" else _orm_write
-    for start in range(0, len(packed.ts), SQL_WRITE_BATCH):
-        batch = packed.take(slice(start, start + SQL_WRITE_BATCH))
-        stored = _stored_rows(exchange_id, symbol, timeframe, int(batch.ts[0]), int(batch.ts[-1]))
-        new, changed = batch.compare(stored)
-        write(exchange_id, symbol, timeframe, batch.take(new), batch.take(changed))
-
-
-@dataclasses.dataclass(frozen=True)
-class PackedRows:
-    """Rows of one series as the SQL table stores them: one column list for all, one packed block per ts."""
-
-    ts: np.ndarray
-    columns: str
-    matrix: np.ndarray  # (rows, columns) of big-endian float64, C-contiguous
-
-    @classmethod
-    def pack(cls, ts: np.ndarray, columns: dict[str, np.ndarray]) -> "PackedRows":
-        matrix = np.empty((len(ts), len(columns)), dtype=">f8")
-        for j, values in enumerate(columns.values()):
-            matrix[:, j] = values
-        # One NaN bit pattern (0/0 inside ta gives the negative one), so equal rows are equal bytes.
-        matrix[np.isnan(matrix)] = np.nan
-        return cls(np.asarray(ts, dtype=np.int64), ",".join(columns), matrix)
-
-    def take(self, index: slice | np.ndarray) -> "PackedRows":
-        return PackedRows(self.ts[index], self.columns, np.ascontiguousarray(self.matrix[index]))
-
-    def data(self) -> list[bytes]:
-        """Each row's packed values."""
-        width = self.matrix.shape[1] * 8
-        blob = self.matrix.tobytes()
-        return [blob[i : i + width] for i in range(0, len(blob), width)] if width else [b""] * len(self.ts)
-
-    def compare(self, stored: list[tuple[int, str, bytes]]) -> tuple[np.ndarray, np.ndarray]:
-        """Indices of rows not stored yet and of rows stored with other columns or values."""
-        is_stored = np.zeros(len(self.ts), dtype=bool)
-        differs = np.zeros(len(self.ts), dtype=bool)
-        if stored:
-            stored_ts = np.fromiter((row[0] for row in stored), dtype=np.int64, count=len(stored))
-            position = np.searchsorted(self.ts, stored_ts).clip(max=len(self.ts) - 1)
-            ours = self.ts[position] == stored_ts  # the table may hold ts this batch has not (orphans)
-            position, rows = position[ours], [row for row, keep in zip(stored, ours.tolist(), strict=True) if keep]
-            is_stored[position] = True
-            width = self.matrix.shape[1] * 8
-            same_layout = np.array([row[1] == self.columns and len(row[2]) == width for row in rows], dtype=bool)
-            differs[position[~same_layout]] = True
-            comparable = position[same_layout]
-            if len(comparable) and width:
-                blob = b"".join(bytes(row[2]) for row, same in zip(rows, same_layout.tolist(), strict=True) if same)
-                old = np.frombuffer(blob, dtype=">u8").reshape(len(comparable), -1)
-                differs[comparable] = (old != self.matrix[comparable].view(">u8")).any(axis=1)
-        return np.flatnonzero(~is_stored), np.flatnonzero(differs)
-
-
-def _stored_rows(exchange_id: str, symbol: str, timeframe: str, first: int, last: int) -> list[tuple[int, str, bytes]]:
-    """(ts, columns, data) of the SQL table's rows of a series within [first, last]."""
-    if connection.vendor == "postgresql":
-        connection.ensure_connection()
-        with psycopg.Cursor(connection.connection) as cursor:
-            cursor.execute(
-                f"SELECT ts, columns, data FROM {IndicatorRow._meta.db_table} "
-                "WHERE exchange_id = %s AND symbol = %s AND timeframe = %s AND ts BETWEEN %s AND %s",
-                [exchange_id, symbol, timeframe, first, last],
-                binary=True,
-            )
-            return cursor.fetchall()
-    return list(
-        store.sql_series(IndicatorRow, exchange_id, symbol, timeframe, first, last)
-        .values_list("ts", "columns", "data")
-        .order_by()
-    )
-
-
-def _postgres_write(exchange_id: str, symbol: str, timeframe: str, new: PackedRows, changed: PackedRows) -> None:
-    """INSERT the new rows, upsert the changed ones; each statement takes ts and data as two binary arrays.
-
-    A plain INSERT costs half of INSERT ... ON CONFLICT (no speculative insertion per row). Should
-    another writer (a recompute beside the scheduler) insert one of the new rows between the read of
-    the stored rows and this INSERT, the unique key refuses it and the upsert settles the batch.
-    """
-    connection.ensure_connection()
-    with psycopg.Cursor(connection.connection) as cursor:
-        cursor.adapters.register_dumper(_BinaryArray, _BinaryArrayDumper)
-        if len(new.ts):
-            try:
-                # Inside a caller's transaction the failed INSERT must be rolled back to a savepoint; in
-                # autocommit it is a transaction of its own (BEGIN and COMMIT would cost a round trip each).
-                with transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext():
-                    _postgres_insert(cursor, exchange_id, symbol, timeframe, new, upsert=False)
-            except psycopg.errors.UniqueViolation:
-                _postgres_insert(cursor, exchange_id, symbol, timeframe, new, upsert=True)
-        if len(changed.ts):
-            _postgres_insert(cursor, exchange_id, symbol, timeframe, changed, upsert=True)
-
-
-def _postgres_insert(
-    cursor: psycopg.Cursor, exchange_id: str, symbol: str, timeframe: str, rows: PackedRows, upsert: bool
-) -> None:
-    sql = f"""
-        INSERT INTO {IndicatorRow._meta.db_table} AS i (exchange_id, symbol, timeframe, ts, columns, data)
-        SELECT %s, %s, %s, r.ts, %s, r.data FROM unnest(%s::bigint[], %s::bytea[]) AS r(ts, data)
-    """
-    if upsert:
-        sql += """
-            ON CONFLICT (exchange_id, symbol, timeframe, ts) DO UPDATE
-            SET columns = EXCLUDED.columns, data = EXCLUDED.data
-            WHERE (i.columns, i.data) IS DISTINCT FROM (EXCLUDED.columns, EXCLUDED.data)
-        """
-    # The arrays travel in PostgreSQL's binary array format, encoded by numpy in one go: psycopg
-    # adapts a list element by element in Python, and Django's cursors bind client-side (parameters
-    # become SQL text). A plain psycopg cursor on Django's connection (so inside any transaction Django
-    # has open) binds them.
-    cursor.execute(
-        sql,
-        [exchange_id, symbol, timeframe, rows.columns, _BinaryArray.int8(rows.ts), _BinaryArray.bytea(rows.matrix)],
-    )
-
-
-# Element type oid and big-endian dtype of the arrays exchanged with PostgreSQL.
-_INT8 = (20, ">i8")
-_FLOAT8 = (701, ">f8")
-_BYTEA_OID = 17
-_INT8_ARRAY_OID = 1016
-_FLOAT8_ARRAY_OID = 1022
-
-
-class _BinaryArray:
-    """A 1-d array sent as a PostgreSQL array in binary wire format (what array_send produces)."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    @staticmethod
-    def _header(oid: int, length: int) -> bytes:
-        # ndim 1, no NULL elements, element oid, one dimension of `length` with lower bound 1; then
-        # (length, bytes) per element.
-        return struct.pack(">iiiii", 1, 0, oid, length, 1)
-
-    @classmethod
-    def int8(cls, values: np.ndarray) -> "_BinaryArray":
-        oid, dtype = _INT8
-        items = np.empty(len(values), dtype=[("length", ">i4"), ("value", dtype)])
-        items["length"] = 8
-        items["value"] = values
-        return cls(cls._header(oid, len(values)) + items.tobytes())
-
-    @classmethod
-    def bytea(cls, matrix: np.ndarray) -> "_BinaryArray":
-        """One bytea element per row of a big-endian float64 matrix: the row's packed values."""
-        rows, width = matrix.shape[0], matrix.shape[1] * 8
-        items = np.empty((rows, 4 + width), dtype=np.uint8)
-        items[:, :4] = np.frombuffer(struct.pack(">i", width), dtype=np.uint8)
-        items[:, 4:] = matrix.view(np.uint8).reshape(rows, width)
-        return cls(cls._header(_BYTEA_OID, rows) + items.tobytes())
-
-
-class _BinaryArrayDumper(psycopg.adapt.Dumper):
-    format = psycopg.pq.Format.BINARY
-
-    def dump(self, obj: _BinaryArray) -> bytes:
-        return obj.data
-
-
-class _RawLoader(psycopg.adapt.Loader):
-    """Hands over a binary value's bytes untouched (for numpy to read arrays in one go)."""
-
-    format = psycopg.pq.Format.BINARY
-
-    def load(self, data: bytes | bytearray | memoryview) -> bytes:
-        return bytes(data)
-
-
-def _parse_binary_array(data: bytes | None, element: tuple[int, str]) -> np.ndarray:
-    """A one-dimensional PostgreSQL array without NULLs, in binary format, as a native numpy array."""
-    dtype = np.dtype(element[1]).newbyteorder("=")
-    if data is None or struct.unpack_from(">i", data)[0] == 0:
-        return np.empty(0, dtype=dtype)
-    length = struct.unpack_from(">i", data, 12)[0]
-    items = np.frombuffer(data, dtype=[("length", ">i4"), ("value", element[1])], count=length, offset=20)
-    return items["value"].astype(dtype)
-
-
-def _orm_write(exchange_id: str, symbol: str, timeframe: str, new: PackedRows, changed: PackedRows) -> None:
-    """The portable path (SQLite): one upsert of the new and changed rows, in batches."""
-    rows = [
-        IndicatorRow(
-            exchange_id=exchange_id, symbol=symbol, timeframe=timeframe, ts=ts, columns=part.columns, data=data
-        )
-        for part in (new, changed)
-        for ts, data in zip(part.ts.tolist(), part.data(), strict=True)
-    ]
-    IndicatorRow.objects.bulk_create(
-        rows,
-        batch_size=SQL_BATCH,
-        update_conflicts=True,
-        unique_fields=["exchange_id", "symbol", "timeframe", "ts"],
-        update_fields=["columns", "data"],
-    )
-
-
-def _rows(ts: np.ndarray, columns: dict[str, np.ndarray]) -> Iterable[tuple[int, dict[str, float | None]]]:
-    names = list(columns)
-    # One list of Python floats per column, then NaN -> None, is much faster than per-cell numpy access.
-    lists = [[None if math.isnan(v) else v for v in columns[name].tolist()] for name in names]
-    for i, key in enumerate(ts.tolist()):
-        yield key, {name: values[i] for name, values in zip(names, lists, strict=True)}
-
-
-def _mongo_write(exchange_id: str, symbol: str, timeframe: str, ts: np.ndarray, columns: dict[str, np.ndarray]) -> None:
-    collection = store.get_mongo_db()[store.INDICATORS]
-    operations = [
-        UpdateOne(
-            {"exchange_id": exchange_id, "symbol": symbol, "timeframe": timeframe, "ts": key},
-            {"$set": {"values": values}},
-            upsert=True,
-        )
-        for key, values in _rows(ts, columns)
-    ]
-    for start in range(0, len(operations), MONGO_BATCH):
-        batch = operations[start : start + MONGO_BATCH]
-        try:
-            collection.bulk_write(batch, ordered=False)
-        except BulkWriteError as error:
-            # Two writers upserting the same new key at once (a recompute beside the scheduler): the
-            # loser gets a duplicate key error; the key now exists, so the same batch again updates it.
-            if any(e.get("code") != 11000 for e in error.details.get("writeErrors", [])):
-                raise
-            collection.bulk_write(batch, ordered=False)
-
-
-def _stored_ts(exchange_id: str, symbol: str, timeframe: str) -> np.ndarray:
-    if store.uses_mongo():
-        query = store.mongo_filter(exchange_id, symbol, timeframe, None, None)
-        ts = [doc["ts"] for doc in store.get_mongo_db()[store.INDICATORS].find(query, {"_id": 0, "ts": 1})]
-    else:
-        ts = list(
-            store.sql_series(IndicatorRow, exchange_id, symbol, timeframe, None, None).values_list("ts", flat=True)
-        )
-    return np.array(ts, dtype=np.int64)
-
-
-def _delete_ts(exchange_id: str, symbol: str, timeframe: str, ts: list[int]) -> None:
-    if store.uses_mongo():
-        query = {**store.mongo_filter(exchange_id, symbol, timeframe, None, None), "ts": {"$in": ts}}
-        store.get_mongo_db()[store.INDICATORS].delete_many(query)
-    else:
-        store.sql_series(IndicatorRow, exchange_id, symbol, timeframe, None, None).filter(ts__in=ts).delete()
-
-
-def read_indicators(
-    exchange_id: str,
-    symbol: str,
-    timeframe: str,
-    start_ts: int | None = None,
-    end_ts: int | None = None,
-    limit: int | None = None,
-) -> list[tuple[int, dict[str, float | None]]]:
-    """Stored rows (ts, values) in ascending ts, bounds inclusive, at most `limit` of them."""
-    if limit is not None and limit <= 0:
-        return []
-    if store.uses_mongo():
-        cursor = (
-            store.get_mongo_db()[store.INDICATORS]
-            .find(
-                store.mongo_filter(exchange_id, symbol, timeframe, start_ts, end_ts), {"_id": 0, "ts": 1, "values": 1}
-            )
-            .sort("ts", 1)
-        )
-        if limit is not None:
-            cursor = cursor.limit(limit)
-        return [(doc["ts"], doc.get("values") or {}) for doc in cursor]
-    queryset = store.sql_series(IndicatorRow, exchange_id, symbol, timeframe, start_ts, end_ts).order_by("ts")
-    if limit is not None:
-        queryset = queryset[:limit]
-    return [(ts, unpack_values(columns, data)) for ts, columns, data in queryset.values_list("ts", "columns", "data")]
-
-
-def iter_indicators(
-    exchange_id: str,
-    symbol: str,
-    timeframe: str,
-    start_ts: int | None = None,
-    end_ts: int | None = None,
-    limit: int | None = None,
-    chunk_size: int = store.ITER_CHUNK,
-) -> Iterator[tuple[int, dict[str, float | None]]]:
-    """Like read_indicators, one chunk (a keyset-paged query) in memory at a time."""
-    return store.iter_chunks(
-        lambda start, size: read_indicators(exchange_id, symbol, timeframe, start, end_ts, size),
-        start_ts,
-        limit,
-        chunk_size,
-    )

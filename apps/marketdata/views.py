@@ -13,7 +13,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from apps.marketdata import store
-from apps.marketdata.indicators import indicator_set, iter_indicators, read_indicators
+from apps.marketdata.indicators import indicator_set
 from apps.marketdata.serializers import (
     CSVRenderer,
     SeriesQuerySerializer,
@@ -120,7 +120,7 @@ def indicators(request: Request) -> Response | StreamingHttpResponse:
 
     if request.accepted_renderer.format == "csv":
         limit = params["limit"] if "limit" in request.query_params else None
-        rows = iter_indicators(*series, **bounds, limit=limit)
+        rows = store.iter_indicators(*series, **bounds, limit=limit)
         response = StreamingHttpResponse(
             csv_stream(
                 ["ts", "time", *names],
@@ -132,6 +132,6 @@ def indicators(request: Request) -> Response | StreamingHttpResponse:
         response["Content-Disposition"] = f'attachment; filename="{filename}-indicators.csv"'
         return response
     limit = params["limit"]
-    rows = read_indicators(*series, **bounds, limit=limit + 1)
+    rows = store.read_indicators(*series, **bounds, limit=limit + 1)
     page = cursor_page(request, params, [row_dict(ts, values) for ts, values in rows], limit)
     return Response({**page, "columns": names})

@@ -16,7 +16,7 @@ from pathlib import Path
 import mongomock_ng
 import pytest
 
-from apps.marketdata import store
+from apps.marketdata import mongostore, store
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def mongodb_store(settings):
     settings.MONGODB_DATABASE = f"dc_store_test_{uuid.uuid4().hex[:12]}"
     store.reset_mongo_client()
     yield "mongodb"
-    store.get_mongo_client().drop_database(settings.MONGODB_DATABASE)
+    mongostore.get_client().drop_database(settings.MONGODB_DATABASE)
     store.reset_mongo_client()
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from apps.marketdata import gaps, store
+from apps.marketdata import gaps, mongostore, store
 from apps.marketdata.models import Gap
 
 pytestmark = [pytest.mark.django_db, pytest.mark.filterwarnings("ignore:'allowDiskUse'")]
@@ -137,7 +137,7 @@ def test_sql_gap_search_handles_many_candles_and_holes(sql_store):
 
 
 def test_the_streaming_fallback_finds_the_same_holes():
-    assert store._holes_from_stream([0, 1, 3, 7, 8], 1) == [(2, 2), (4, 6)]
+    assert mongostore.holes_from_stream([0, 1, 3, 7, 8], 1) == [(2, 2), (4, 6)]
 
 
 # --- Gap rows -------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
-from apps.marketdata.indicators import read_indicators
+from apps.marketdata.store import read_indicators
 
 INITIAL = ("marketdata", "0001_initial")
 SERIES = ("binance", "BTC/USDT", "1m")

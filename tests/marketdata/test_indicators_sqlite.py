@@ -37,7 +37,8 @@ with connection.cursor() as cursor:
     )
 call_command("migrate", "marketdata", verbosity=0)
 from apps.marketdata import store
-from apps.marketdata.indicators import read_indicators, update_indicators
+from apps.marketdata.indicators import update_indicators
+from apps.marketdata.store import read_indicators
 
 T0, M = 1_704_067_200_000, 60_000
 series = ("binance", "BTC/USDT", "1m")

@@ -8,17 +8,16 @@ import pytest
 from backtesting.test import GOOG
 from django.db import connection
 
-from apps.marketdata import indicators, store
+from apps.marketdata import sqlstore, store
 from apps.marketdata.indicators import (
     IndicatorSet,
-    PackedRows,
     indicator_set,
-    read_indicators,
     recompute_series,
     update_indicators,
-    write_indicators,
 )
 from apps.marketdata.models import IndicatorRow, unpack_values
+from apps.marketdata.sqlstore import PackedRows
+from apps.marketdata.store import read_indicators, write_indicators
 from datacollector.config import BollingerConfig, IndicatorConfig, MacdConfig, get_config
 from tests.marketdata.test_indicators import errors, random_walk, talib_reference
 
@@ -241,7 +240,7 @@ def race_with_another_writer(monkeypatch, default_set) -> None:
     put_candles(close)
     ts = np.array([ts_of(i) for i in range(400, 600)], dtype=np.int64)
     write_indicators(*SERIES, ts, {name: np.zeros(len(ts)) for name in default_set.names})
-    monkeypatch.setattr(indicators, "_stored_rows", lambda *args: [])
+    monkeypatch.setattr(sqlstore, "_stored_indicator_rows", lambda *args: [])
     assert update_indicators(*SERIES, ts_of(0)) == 1_000
     assert_equals_full_recompute(default_set)
 

@@ -7,7 +7,8 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from apps.marketdata import store
-from apps.marketdata.indicators import indicator_set, read_indicators, update_indicators
+from apps.marketdata.indicators import indicator_set, update_indicators
+from apps.marketdata.store import read_indicators
 from datacollector.config import get_config
 from tests.marketdata.test_indicators import random_walk
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from apps.marketdata import store
+from apps.marketdata import mongostore, sqlstore, store
 from apps.marketdata.store import Coverage, InvalidCandleError, UpsertResult
 
 pytestmark = [pytest.mark.django_db, pytest.mark.filterwarnings("ignore:'allowDiskUse'")]
@@ -201,13 +201,13 @@ def test_a_bad_series_name_is_rejected(candle_store, exchange_id, symbol, timefr
 def test_sql_store_upserts_large_inputs_in_batches(sql_store):
     # Sizes around the PostgreSQL batch (5,000) so that batch boundaries are crossed; kept to SQL
     # because mongomock-ng is slow with unique indexes.
-    count = 2 * store.POSTGRES_BATCH + 123
+    count = 2 * sqlstore.POSTGRES_BATCH + 123
     rows = [candle(i, close=100.0 + i % 97) for i in range(count)]
 
     assert store.upsert_candles(*SERIES, rows) == UpsertResult(count, 0, 0)
     assert store.upsert_candles(*SERIES, rows) == UpsertResult(0, 0, count)
 
-    boundary = store.POSTGRES_BATCH
+    boundary = sqlstore.POSTGRES_BATCH
     revised = [candle(i, close=1.0) for i in (0, boundary - 1, boundary, count - 1)]
     assert store.upsert_candles(*SERIES, rows[:-1] + revised) == UpsertResult(0, 4, count - 4)
     assert store.coverage(*SERIES) == Coverage(T0, T0 + (count - 1) * MINUTE, count)
@@ -219,18 +219,18 @@ def test_the_portable_fallback_gives_the_same_counts(sql_store):
     rows = [store.normalize_candles(minutes(0, 1, 2))][0]
     series = ("binance", "BTC/USDT", "1m")
 
-    assert store._orm_upsert(*series, rows) == UpsertResult(3, 0, 0)
+    assert sqlstore.orm_upsert(*series, rows) == (3, 0, 0)
     revised = store.normalize_candles([*minutes(0, 2), candle(1, close=5.0), candle(3)])
-    assert store._orm_upsert(*series, revised) == UpsertResult(1, 1, 2)
+    assert sqlstore.orm_upsert(*series, revised) == (1, 1, 2)
     assert store.read_candles(*series) == [*minutes(0), candle(1, close=5.0), *minutes(2), candle(3)]
 
 
 def test_mongo_indexes_are_unique_on_the_series_key_and_ensured_idempotently(mongomock_store):
-    db = store.get_mongo_db()
-    store.ensure_indexes()
-    store.ensure_indexes()
+    db = mongostore.get_db()
+    mongostore.ensure_indexes()
+    mongostore.ensure_indexes()
 
-    for collection in (store.CANDLES, store.INDICATORS):
+    for collection in (mongostore.CANDLES, mongostore.INDICATORS):
         index = db[collection].index_information()["series_ts_unique"]
         assert index["unique"] is True
         assert [field for field, _ in index["key"]] == ["exchange_id", "symbol", "timeframe", "ts"]
@@ -239,7 +239,7 @@ def test_mongo_indexes_are_unique_on_the_series_key_and_ensured_idempotently(mon
 def test_mongo_candles_are_plain_documents_named_by_field(mongomock_store):
     store.upsert_candles(*SERIES, [candle(0)])
 
-    doc = store.get_mongo_db()[store.CANDLES].find_one({}, {"_id": 0})
+    doc = mongostore.get_db()[mongostore.CANDLES].find_one({}, {"_id": 0})
     assert doc == {
         "exchange_id": "binance",
         "symbol": "BTC/USDT",
@@ -256,9 +256,9 @@ def test_mongo_candles_are_plain_documents_named_by_field(mongomock_store):
 def test_without_mongodb_uri_there_is_no_mongo_client(sql_store):
     from django.core.exceptions import ImproperlyConfigured
 
-    assert store.uses_mongo() is False
+    assert store.backend_name() == "embedded (SQL)"
     with pytest.raises(ImproperlyConfigured, match="MONGODB_URI"):
-        store.get_mongo_db()
+        mongostore.get_db()
 
 
 def test_rows_as_tuples_and_huge_finite_values_are_accepted(candle_store):
