@@ -19,7 +19,7 @@ import numpy as np
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from pymongo import MongoClient, UpdateOne
-from pymongo.errors import BulkWriteError, OperationFailure
+from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,9 @@ VALUE_FIELDS = ("open", "high", "low", "close", "volume")
 BATCH = 1_000
 # Documents per cursor batch when streaming ts values.
 STREAM_BATCH = 10_000
+
+# What this backend raises when the server cannot serve a request (unreachable, timed out, refused).
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (PyMongoError,)
 
 # --- The client ---------------------------------------------------------------------------------------
 

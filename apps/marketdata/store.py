@@ -152,6 +152,10 @@ def normalize_candles(candles: Iterable[Sequence[Any]]) -> list[tuple[int, float
 
 # --- The backend ------------------------------------------------------------------------------------
 
+# Errors meaning the series store cannot answer now, for the API to turn into a 503. Only MongoDB's: the
+# SQL store is the Django database, whose outages the project handles as such (apps/jobs/outages.py).
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = mongostore.UNAVAILABLE_ERRORS
+
 _backend: ModuleType | None = None
 
 

@@ -4,7 +4,6 @@ from itertools import chain, islice
 from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
-from pymongo.errors import PyMongoError
 from rest_framework.decorators import api_view, permission_classes, renderer_classes
 from rest_framework.exceptions import ValidationError
 from rest_framework.negotiation import DefaultContentNegotiation
@@ -93,7 +92,7 @@ def ohlcv(request: Request) -> Response | StreamingHttpResponse:
             return response
         limit = params["limit"]
         rows = store.read_candles(*series, start_ts=start, end_ts=end, limit=limit + 1)
-    except PyMongoError as error:
+    except store.UNAVAILABLE_ERRORS as error:
         return store_unavailable(error)
     return Response(cursor_page(request, params, [candle_dict(row) for row in rows], limit))
 
