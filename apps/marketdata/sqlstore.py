@@ -82,45 +82,77 @@ _CANDLE_COLUMNS = np.dtype([("ts", "i8"), *((field, "f8") for field in VALUE_FIE
 
 
 def _postgres_upsert(exchange_id: str, symbol: str, timeframe: str, rows: list[tuple]) -> tuple[int, int, int]:
-    """One INSERT ... ON CONFLICT DO UPDATE per batch, the rows passed as six binary arrays through unnest().
+    """Per batch: a plain INSERT when the series holds nothing in the batch's ts range, else the upsert.
 
-    The WHERE on DO UPDATE skips rows whose values are all equal, so an identical candle writes no new
-    row version (no dead tuple, no index entries; PostgreSQL only locks the row) and is not returned.
-    A returned row is new when its xmax is 0, while an updated row carries the locking transaction's
-    id there: an implementation detail, but a long-standing and widely relied-on one, and the contract
-    tests check the counts. unchanged = batch size - returned rows.
+    Rows pass as six binary arrays through unnest(). Collection mostly writes ranges it has never
+    written (history pages, each new candle), and a plain INSERT costs PostgreSQL about half the CPU of
+    INSERT ... ON CONFLICT ... RETURNING (speculative insertion, the returned rows counted in a CTE);
+    benchmarks/bench_backfill.py measures it. The INSERT carries the emptiness check (an uncorrelated
+    NOT EXISTS, evaluated once: one probe of the unique index) and inserts nothing when the range holds
+    a candle; the upsert then settles the batch. Should another writer insert into the range between
+    the check and the insert, the unique key refuses the batch and the upsert settles it too.
+
+    The upsert's WHERE on DO UPDATE skips rows whose values are all equal, so an identical candle writes
+    no new row version (no dead tuple, no index entries; PostgreSQL only locks the row) and is not
+    returned. A returned row is new when its xmax is 0, while an updated row carries the locking
+    transaction's id there: an implementation detail, but a long-standing and widely relied-on one, and
+    the contract tests check the counts. unchanged = batch size - returned rows.
 
     COPY into a temporary staging table and one INSERT ... SELECT from it was measured against this
     (benchmarks/bench_ingest.py prints both): it needs as little client CPU, but the staging table's
     truncation at each commit costs the server more than unnest() of bound arrays, for the 1,000-candle
     pages collection writes.
     """
-    table = Candle._meta.db_table
-    differs = " OR ".join(f"c.{f} <> EXCLUDED.{f}" for f in VALUE_FIELDS)
-    sql = f"""
-        WITH written AS (
-            INSERT INTO {table} AS c (exchange_id, symbol, timeframe, ts, open, high, low, close, volume)
-            SELECT %s, %s, %s, r.* FROM unnest(
-                %s::bigint[], %s::float8[], %s::float8[], %s::float8[], %s::float8[], %s::float8[]
-            ) AS r
-            ON CONFLICT (exchange_id, symbol, timeframe, ts) DO UPDATE SET
-                open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low,
-                close = EXCLUDED.close, volume = EXCLUDED.volume
-            WHERE {differs}
-            RETURNING (c.xmax = 0) AS inserted
-        )
-        SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM written
-    """
     inserted = updated = 0
     with _psycopg_cursor() as cursor:
         for batch in _batches(rows, POSTGRES_BATCH):
             columns = np.array(batch, dtype=_CANDLE_COLUMNS)
             arrays = [BinaryArray.int8(columns["ts"])] + [BinaryArray.float8(columns[f]) for f in VALUE_FIELDS]
-            # No server-side prepared statement: they break behind a transaction-pooling pgbouncer.
-            cursor.execute(sql, [exchange_id, symbol, timeframe, *arrays], prepare=False)
+            series = [exchange_id, symbol, timeframe]
+            bounds = [batch[0][0], batch[-1][0]]
+            try:
+                # Inside a caller's transaction a refused INSERT must be rolled back to a savepoint; in
+                # autocommit it is a transaction of its own (BEGIN and COMMIT would cost a round trip each).
+                with transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext():
+                    # No server-side prepared statement: they break behind a transaction-pooling pgbouncer.
+                    cursor.execute(_FRESH_INSERT, [*series, *arrays, *series, *bounds], prepare=False)
+                    fresh = cursor.rowcount
+            except psycopg.errors.UniqueViolation:
+                fresh = 0
+            if fresh:
+                inserted += fresh
+                continue
+            cursor.execute(_UPSERT, [*series, *arrays], prepare=False)
             batch_inserted, batch_updated = cursor.fetchone()
             inserted, updated = inserted + batch_inserted, updated + batch_updated
     return inserted, updated, len(rows) - inserted - updated
+
+
+_UNNEST_ROWS = """
+    SELECT %s, %s, %s, r.* FROM unnest(
+        %s::bigint[], %s::float8[], %s::float8[], %s::float8[], %s::float8[], %s::float8[]
+    ) AS r
+"""
+_FRESH_INSERT = f"""
+    INSERT INTO {Candle._meta.db_table} (exchange_id, symbol, timeframe, ts, open, high, low, close, volume)
+    {_UNNEST_ROWS}
+    WHERE NOT EXISTS (
+        SELECT FROM {Candle._meta.db_table}
+        WHERE exchange_id = %s AND symbol = %s AND timeframe = %s AND ts BETWEEN %s AND %s
+    )
+"""
+_UPSERT = f"""
+    WITH written AS (
+        INSERT INTO {Candle._meta.db_table} AS c (exchange_id, symbol, timeframe, ts, open, high, low, close, volume)
+        {_UNNEST_ROWS}
+        ON CONFLICT (exchange_id, symbol, timeframe, ts) DO UPDATE SET
+            open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low,
+            close = EXCLUDED.close, volume = EXCLUDED.volume
+        WHERE {" OR ".join(f"c.{f} <> EXCLUDED.{f}" for f in VALUE_FIELDS)}
+        RETURNING (c.xmax = 0) AS inserted
+    )
+    SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM written
+"""
 
 
 def _sqlite_upsert(exchange_id: str, symbol: str, timeframe: str, rows: list[tuple]) -> tuple[int, int, int]:
