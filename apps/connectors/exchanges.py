@@ -11,6 +11,7 @@ every machine backs off together; nothing here is process state another worker n
 import collections
 import copy
 import dataclasses
+import email.utils
 import functools
 import hashlib
 import json
@@ -317,11 +318,16 @@ class _Guard:
         weight_limit_per_minute: int | None,
         bucket_capacity: float | None,
         refill_per_second: float | None = None,
+        window_seconds: float | None = None,
     ) -> None:
         self.exchange_id = exchange_id
         self.weight_limit_per_minute = weight_limit_per_minute
         self.bucket_capacity = bucket_capacity
         self.refill_per_second = refill_per_second
+        # The fixed window the exchange counts in once it has announced its limits (the row then counts in
+        # it too, and window_seconds says so); until then the row is a token bucket.
+        self.announced_window_seconds = window_seconds
+        self.window_seconds: float | None = None
         self.stats = RequestStats()
 
     @property
@@ -477,7 +483,9 @@ class _Guard:
     def learn_announced(self, weight_per_minute: int) -> None:
         """The exchange announced its request weight per minute: cap the shared bucket and measure the
         used-weight header against it from now on."""
-        row, changed = RateLimit.objects.learn_announced_limit(self.exchange_id, weight_per_minute, self._limit)
+        row, changed = RateLimit.objects.learn_announced_limit(
+            self.exchange_id, weight_per_minute, self._limit, self.announced_window_seconds
+        )
         if changed and row.capped:
             # Logged by the one process whose markets load changed what the database knew: once per change.
             logger.warning(
@@ -493,6 +501,7 @@ class _Guard:
         if self.weight_limit_per_minute is None or weight_per_minute < self.weight_limit_per_minute:
             self.weight_limit_per_minute = weight_per_minute
         self.bucket_capacity, self.refill_per_second = row.capacity, row.refill_per_second
+        self.window_seconds = row.window_seconds
 
     def _observe(self, headers: Any) -> None:
         if not headers or not self.weight_limit_per_minute:
@@ -507,9 +516,10 @@ class _Guard:
             return
         if self.bucket_capacity is not None and self.refill_per_second is not None:
             # What the bucket can still grant in this minute: its capacity at most, plus the refill until
-            # the minute rolls over. Less headroom than that changes nothing: skip the query (most answers,
-            # when only the collector uses the exchange and the minute is young).
-            seconds_left = 60.0 - time.time() % 60.0
+            # the minute rolls over (a window: all of it, whenever). Less headroom than that changes
+            # nothing: skip the query (most answers, when only the collector uses the exchange and the
+            # minute is young).
+            seconds_left = self.window_seconds or 60.0 - time.time() % 60.0
             if self.weight_limit_per_minute - used >= self.bucket_capacity + self.refill_per_second * seconds_left:
                 return
         RateLimit.objects.observe_used_weight(self.exchange_id, used, self.weight_limit_per_minute)
@@ -536,6 +546,9 @@ class ExchangeProfile:
     raw_klines: str | None = None
     # The exchange announces its limits in exchangeInfo.rateLimits (Binance): the bucket is capped to them.
     announces_limits: bool = False
+    # The exchange counts weight per fixed window this long (Binance: per clock minute), so the shared
+    # limit may spend a window's budget at once, as the exchange allows. None: a bucket refilling evenly.
+    weight_window_seconds: float | None = None
 
 
 PROFILES: dict[str, ExchangeProfile] = {
@@ -555,6 +568,7 @@ PROFILES: dict[str, ExchangeProfile] = {
         },
         raw_klines="publicGetKlines",
         announces_limits=True,
+        weight_window_seconds=60.0,
     ),
 }
 
@@ -584,13 +598,31 @@ def announced_weight_per_minute(body: str) -> int | None:
         except (KeyError, TypeError, ValueError):
             continue
         if seconds > 0 and limit > 0:
-            per_minute.append(limit * 60 // seconds)
+            # The shared limit may spend a minute's budget in one burst (its capacity, or a whole fixed
+            # window at once), so a window shorter than a minute must hold all of it: such a limit
+            # counts as itself per minute (50 per 10 s is 50, not 300). Safe, at the cost of leaving
+            # most of a short window unused; Binance announces REQUEST_WEIGHT per minute.
+            per_minute.append(limit if seconds < 60 else limit * 60 // seconds)
     return min(per_minute, default=None)
 
 
 _DEFAULT_PROFILE = ExchangeProfile()
 
 MARKETS_TTL_SECONDS = 3600.0
+
+# The exchange's clock is read with one time request this often; in between it is our monotonic clock
+# plus the offset that request measured, so a run costs no extra request (Binance: 1 weight each, which
+# at 2,000 runs a minute is a third of the budget).
+SERVER_CLOCK_TTL_SECONDS = 600.0
+# Two clocks drift apart by up to ~100 ppm: the estimate runs that much slow, so it stays early.
+_CLOCK_DRIFT = 1e-4
+# An answer's Date header (whole seconds) further than this from the estimate means a clock jumped
+# (the exchange's or ours): the offset is measured again before the next run trusts it.
+_CLOCK_DATE_TOLERANCE_SECONDS = 2.0
+
+# The exchange clock per (exchange id, urls/options): (our monotonic time, server ms) at one answer.
+_clock_cache: dict[str, tuple[float, int]] = {}
+_clock_lock = threading.Lock()
 
 # Loaded markets per (exchange id, urls/options), shared by the clients of this process' threads.
 _markets_cache: dict[str, tuple[float, dict, int | None]] = {}
@@ -692,7 +724,9 @@ class CcxtClient:
             self._send = self.exchange.fetch
             self.exchange.fetch = self._fetch_own_hosts_only
         self._markets_key = json.dumps([exchange_id, options or {}], sort_keys=True, default=str)
-        self._guard = _Guard(exchange_id, weight_limit_per_minute, bucket_capacity, refill_per_second)
+        self._guard = _Guard(
+            exchange_id, weight_limit_per_minute, bucket_capacity, refill_per_second, self.profile.weight_window_seconds
+        )
         self.stats = self._guard.stats
         self._markets_loaded_at: float | None = None
         # The status and body of the last answer, for classifying a failure by what the exchange said.
@@ -705,6 +739,7 @@ class CcxtClient:
     def _record_answer(self, code: int, reason: str, url: str, method: str, headers: Any, body: Any, *rest: Any) -> Any:
         # ccxt hands every HTTP answer through on_rest_response before it parses or maps it to an error.
         self._status, self._body = code, body
+        self._check_clock(headers)
         if self.profile.announces_limits and isinstance(body, str) and url.endswith("/exchangeInfo"):
             self._announced = announced_weight_per_minute(body)
         return self._on_rest_response(code, reason, url, method, headers, body, *rest)
@@ -779,9 +814,42 @@ class CcxtClient:
         return list((self.exchange.timeframes or {}).keys())
 
     def server_time_ms(self) -> int:
-        if self.exchange.has.get("fetchTime"):
-            return int(self._request(self.profile.time_weight, self.exchange.fetch_time))
-        return int(time.time() * 1000)
+        """The exchange's clock, never ahead of it: candles are closed when ts + timeframe <= this.
+
+        One time request per SERVER_CLOCK_TTL_SECONDS per process (and exchange configuration); in between,
+        the server time it returned plus the monotonic time since its answer arrived. The server read its
+        clock before it answered, so at arrival its clock shows at least that value: the estimate errs
+        early by up to the round trip, and by the drift allowance, never late.
+        """
+        if not self.exchange.has.get("fetchTime"):
+            return int(time.time() * 1000)
+        with _clock_lock:
+            anchor = _clock_cache.get(self._markets_key)
+        now = time.monotonic()
+        if anchor is not None and now - anchor[0] < SERVER_CLOCK_TTL_SECONDS:
+            return anchor[1] + math.floor((now - anchor[0]) * 1000.0 * (1.0 - _CLOCK_DRIFT))
+        server = int(self._request(self.profile.time_weight, self.exchange.fetch_time))
+        with _clock_lock:
+            _clock_cache[self._markets_key] = (time.monotonic(), server)
+        return server
+
+    def _check_clock(self, headers: Any) -> None:
+        """Forget the kept offset when an answer's Date header says a clock jumped (see server_time_ms)."""
+        with _clock_lock:
+            anchor = _clock_cache.get(self._markets_key)
+        date = headers.get("Date") if anchor is not None and headers else None
+        if not date:
+            return
+        try:
+            said = email.utils.parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError):
+            return
+        estimate = (anchor[1] + (time.monotonic() - anchor[0]) * 1000.0) / 1000.0
+        # The header truncates to the second: the server's clock was in [said, said + 1) when it answered.
+        if not said - _CLOCK_DATE_TOLERANCE_SECONDS <= estimate <= said + 1 + _CLOCK_DATE_TOLERANCE_SECONDS:
+            with _clock_lock:
+                if _clock_cache.get(self._markets_key) == anchor:
+                    del _clock_cache[self._markets_key]
 
     def fetch_ohlcv(self, symbol: str, timeframe: str, since_ms: int, limit: int) -> list[list[float]]:
         self._ensure_markets()
@@ -1054,3 +1122,5 @@ def clear_clients() -> None:
     _local.__dict__.pop("clients", None)
     with _markets_lock:
         _markets_cache.clear()
+    with _clock_lock:
+        _clock_cache.clear()

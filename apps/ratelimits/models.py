@@ -5,6 +5,12 @@ On PostgreSQL each operation is one atomic statement that reads the database clo
 UPDATE ... RETURNING; a refusal takes a second statement that counts it and computes the wait). On SQLite (one
 machine, `BEGIN IMMEDIATE` configured in settings) the same arithmetic runs in Python inside a
 write-locked transaction, which serializes callers just as well.
+
+Two ways of counting. A token bucket (the default) refills evenly: at most `capacity` at once, plus
+`refill_per_second`. An exchange that counts weight per fixed window (Binance: per calendar minute) gets a
+window (`window_seconds` set): up to `capacity + refill_per_second * window_seconds` per window, all of it
+at once if need be, as the exchange itself allows. Windows start at multiples of `window_seconds` since the
+epoch on the database clock, which is taken to agree with the exchange's within a fraction of the window.
 """
 
 import time
@@ -48,16 +54,24 @@ class _Decision:
     updated_at: datetime
     granted: bool
     wait: float
+    window_started_at: datetime | None = None
+    window_used: float = 0.0
 
 
 def _decide(row: "RateLimit", weight: float, now: datetime) -> _Decision:
     """The bucket arithmetic of `_GRANT_SQL` and `_DENY_SQL`, in Python, for backends without them."""
     # updated_at never moves backwards, so a caller with a stale clock is credited nothing, never extra.
     now = max(now, row.updated_at)
-    elapsed = (now - row.updated_at).total_seconds()
-    refilled = min(row.capacity, row.tokens + elapsed * row.refill_per_second)
     blocked = max([t for t in (row.blocked_until, row.circuit_open_until) if t is not None], default=None)
     blocked_wait = (blocked - now).total_seconds() if blocked is not None and blocked > now else 0.0
+    if row.window_seconds is not None:
+        start, used = row.window_at(now)
+        if blocked_wait <= 0 and used + weight <= row.limit:
+            return _Decision(row.tokens, now, True, 0.0, start, used + weight)
+        window_wait = (start - now).total_seconds() + row.window_seconds if used + weight > row.limit else 0.0
+        return _Decision(row.tokens, now, False, max(blocked_wait, window_wait), start, used)
+    elapsed = (now - row.updated_at).total_seconds()
+    refilled = min(row.capacity, row.tokens + elapsed * row.refill_per_second)
     if blocked_wait <= 0 and refilled >= weight:
         return _Decision(refilled - weight, now, True, 0.0)
     if row.refill_per_second > 0:
@@ -74,22 +88,36 @@ def _decide(row: "RateLimit", weight: float, now: datetime) -> _Decision:
 _REFILLED = """LEAST(r.capacity, r.tokens + r.refill_per_second
                      * GREATEST(0, EXTRACT(EPOCH FROM (t.now - r.updated_at))::float8))"""
 
-# The grant: one UPDATE ... RETURNING that takes `weight` only if the refilled bucket holds it and no
-# pause is in force. When a concurrent caller changes the row first, PostgreSQL re-evaluates the
+# A fixed window: the one t.now falls in (windows start at multiples of window_seconds since the epoch),
+# never one before the window the row already counts (a `now` read before a wait for the row lock is late).
+_WINDOW_START = """GREATEST(r.window_started_at,
+    to_timestamp(floor(EXTRACT(EPOCH FROM t.now) / r.window_seconds) * r.window_seconds))"""
+# Weight spent in that window: what the row counts if it counts that window, else nothing yet.
+_WINDOW_USED = f"""(CASE WHEN r.window_started_at >= {_WINDOW_START} THEN r.window_used ELSE 0 END)"""
+# What one window may spend, and what a request may weigh at most in either mode.
+_LIMIT = (
+    "(CASE WHEN r.window_seconds IS NULL THEN r.capacity ELSE r.capacity + r.refill_per_second * r.window_seconds END)"
+)
+
+# The grant: one UPDATE ... RETURNING that takes `weight` only if the refilled bucket (or the window) holds
+# it and no pause is in force. When a concurrent caller changes the row first, PostgreSQL re-evaluates the
 # WHERE and SET against the new version (READ COMMITTED), so two callers can never take the same
 # tokens. No row back: refused, and _DENY_SQL counts it and says how long to wait.
 _GRANT_SQL = f"""
 UPDATE ratelimits_ratelimit AS r
-SET tokens = {_REFILLED} - %(weight)s,
+SET tokens = CASE WHEN r.window_seconds IS NULL THEN {_REFILLED} - %(weight)s ELSE r.tokens END,
     updated_at = GREATEST(r.updated_at, t.now),
+    window_started_at = CASE WHEN r.window_seconds IS NULL THEN r.window_started_at ELSE {_WINDOW_START} END,
+    window_used = CASE WHEN r.window_seconds IS NULL THEN r.window_used ELSE {_WINDOW_USED} + %(weight)s END,
     granted = r.granted + 1,
     tokens_used = r.tokens_used + %(weight)s
 FROM (SELECT clock_timestamp() AS now, {{commit_mode}}) AS t
 WHERE r.exchange_id = %(exchange_id)s
   AND (r.blocked_until IS NULL OR r.blocked_until <= t.now)
   AND (r.circuit_open_until IS NULL OR r.circuit_open_until <= t.now)
-  AND {_REFILLED} >= %(weight)s
-RETURNING r.capacity
+  AND CASE WHEN r.window_seconds IS NULL THEN {_REFILLED} >= %(weight)s
+           ELSE {_WINDOW_USED} + %(weight)s <= {_LIMIT} END
+RETURNING {_LIMIT}
 """
 
 # The refusal: count it (unless the weight can never fit) and report the wait until the pauses end
@@ -99,10 +127,13 @@ UPDATE ratelimits_ratelimit AS r
 SET denied = r.denied + CASE WHEN %(weight)s <= r.capacity THEN 1 ELSE 0 END
 FROM (SELECT clock_timestamp() AS now, {{commit_mode}}) AS t
 WHERE r.exchange_id = %(exchange_id)s
-RETURNING r.capacity, GREATEST(
+RETURNING {_LIMIT}, GREATEST(
     -- GREATEST skips NULLs: no pause in force gives NULL, hence the COALESCE.
     COALESCE(EXTRACT(EPOCH FROM (GREATEST(r.blocked_until, r.circuit_open_until) - t.now))::float8, 0),
-    CASE WHEN r.refill_per_second > 0 THEN (%(weight)s - {_REFILLED}) / r.refill_per_second
+    CASE WHEN r.window_seconds IS NOT NULL THEN
+            CASE WHEN {_WINDOW_USED} + %(weight)s <= {_LIMIT} THEN 0
+                 ELSE EXTRACT(EPOCH FROM ({_WINDOW_START} - t.now))::float8 + r.window_seconds END
+         WHEN r.refill_per_second > 0 THEN (%(weight)s - {_REFILLED}) / r.refill_per_second
          WHEN {_REFILLED} >= %(weight)s THEN 0
          ELSE %(no_refill_wait)s END
 )
@@ -137,6 +168,7 @@ WITH t AS (
     FROM ratelimits_ratelimit r, t
     -- Most answers leave more than the bucket can grant this minute: then there is nothing to lock or write.
     WHERE r.exchange_id = %(exchange_id)s
+      AND r.window_seconds IS NULL
       AND %(remaining)s < r.capacity + r.refill_per_second
           * EXTRACT(EPOCH FROM (date_trunc('minute', t.now) + interval '1 minute' - t.now))::float8
     FOR UPDATE OF r
@@ -153,6 +185,23 @@ SET tokens = GREATEST(-c.refill_per_second * c.left_s, LEAST(
 FROM cur c
 WHERE r.id = c.id
 RETURNING r.tokens
+"""
+
+# The same news for a window: the exchange's count (which includes every client on the IP) replaces ours
+# when it is higher, so the window grants only what the exchange has left. Ours may be higher: requests
+# granted but not yet counted by the exchange. A count at or below ours changes nothing and writes nothing.
+_OBSERVE_WINDOW_SQL = f"""
+UPDATE ratelimits_ratelimit AS r
+SET window_started_at = {_WINDOW_START},
+    window_used = %(used)s,
+    blocked_until = CASE WHEN %(remaining)s <= 0
+        THEN GREATEST(r.blocked_until, {_WINDOW_START} + make_interval(secs => r.window_seconds))
+        ELSE r.blocked_until END
+FROM (SELECT clock_timestamp() AS now) AS t
+WHERE r.exchange_id = %(exchange_id)s
+  AND r.window_seconds IS NOT NULL
+  AND {_WINDOW_USED} < %(used)s
+RETURNING r.window_used
 """
 
 _BLOCK_SQL = """
@@ -262,17 +311,23 @@ class RateLimitQuerySet(models.QuerySet):
             self._apply_cap(row)
 
     def learn_announced_limit(
-        self, exchange_id: str, weight_per_minute: int, limit: tuple[float, float] | None = None
+        self,
+        exchange_id: str,
+        weight_per_minute: int,
+        limit: tuple[float, float] | None = None,
+        window_seconds: float | None = None,
     ) -> tuple["RateLimit", bool]:
         """The exchange announced its request weight per minute: cap the bucket to it. Returns the row and
         whether this call changed what was known (so the caller logs it once, not on every markets load of
-        every worker). `limit` sizes the bucket if the exchange has no row yet, as in `ensure`."""
+        every worker). `limit` sizes the bucket if the exchange has no row yet, as in `ensure`.
+        `window_seconds`: the exchange counts weight per fixed window that long, and so does the row from
+        now on (None: a token bucket)."""
         self.ensure(exchange_id, limit)
         with transaction.atomic(using=self.db):
             row = self._locked(exchange_id)
-            if row.announced_weight_per_minute == weight_per_minute:
+            if (row.announced_weight_per_minute, row.window_seconds) == (weight_per_minute, window_seconds):
                 return row, False
-            row.announced_weight_per_minute = weight_per_minute
+            row.announced_weight_per_minute, row.window_seconds = weight_per_minute, window_seconds
             self._apply_cap(row)
             return row, True
 
@@ -287,6 +342,7 @@ class RateLimitQuerySet(models.QuerySet):
         row.save(
             update_fields=[
                 "announced_weight_per_minute",
+                "window_seconds",
                 "configured_capacity",
                 "configured_refill_per_second",
                 "capacity",
@@ -340,17 +396,19 @@ class RateLimitQuerySet(models.QuerySet):
                 row = self._locked(exchange_id)
             except RateLimit.DoesNotExist:
                 return None
-            if weight > row.capacity:
-                return (False, 0.0, row.capacity)
+            if weight > row.limit:
+                return (False, 0.0, row.limit)
             decision = _decide(row, weight, timezone.now())
             self.filter(pk=row.pk).update(
                 tokens=decision.tokens,
                 updated_at=decision.updated_at,
+                window_started_at=decision.window_started_at,
+                window_used=decision.window_used,
                 granted=F("granted") + int(decision.granted),
                 denied=F("denied") + int(not decision.granted),
                 tokens_used=F("tokens_used") + (weight if decision.granted else 0),
             )
-            return (decision.granted, decision.wait, row.capacity)
+            return (decision.granted, decision.wait, row.limit)
 
     def acquire(
         self, exchange_id: str, weight: float, timeout: float = 60.0, limit: tuple[float, float] | None = None
@@ -383,11 +441,23 @@ class RateLimitQuerySet(models.QuerySet):
         remaining = float(limit) - float(used_weight)
         # The caller made a request, so acquire_token has created the row already.
         if self._postgres():
-            self._fetch(_OBSERVE_SQL, {"exchange_id": exchange_id, "remaining": remaining})
+            params = {"exchange_id": exchange_id, "remaining": remaining, "used": float(used_weight)}
+            # Each statement matches only rows of its own mode, and only when there is something to write.
+            if self._fetch(_OBSERVE_WINDOW_SQL, params) is None:
+                self._fetch(_OBSERVE_SQL, params)
             return
         with transaction.atomic(using=self.db):
             row = self.select_for_update().filter(exchange_id=exchange_id).first()
             now = timezone.now()
+            if row is not None and row.window_seconds is not None:
+                start, used = row.window_at(max(now, row.updated_at))
+                if used < used_weight:
+                    row.window_started_at, row.window_used = start, float(used_weight)
+                    if remaining <= 0:
+                        end = start + timedelta(seconds=row.window_seconds)
+                        row.blocked_until = max(row.blocked_until or end, end)
+                    row.save(update_fields=["window_started_at", "window_used", "blocked_until"])
+                return
             next_minute = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
             left = (next_minute - now).total_seconds()
             if row is None or remaining >= row.capacity + row.refill_per_second * left:
@@ -512,6 +582,16 @@ class RateLimit(models.Model):
     configured_refill_per_second = models.FloatField(
         null=True, blank=True, help_text="Refill the connector asks for (refill_per_second is it, capped)."
     )
+    window_seconds = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="The exchange counts weight per fixed window this long (Binance: a clock minute): up to "
+        "capacity + refill x window per window, at once if need be. Empty: a token bucket refilling evenly.",
+    )
+    window_started_at = models.DateTimeField(null=True, blank=True, help_text="Start of the window window_used counts.")
+    window_used = models.FloatField(
+        default=0.0, help_text="Weight spent in that window: ours, or the exchange's count when higher."
+    )
     granted = models.BigIntegerField(default=0)
     denied = models.BigIntegerField(default=0)
     tokens_used = models.FloatField(default=0.0)
@@ -524,6 +604,22 @@ class RateLimit(models.Model):
 
     def __str__(self) -> str:
         return self.exchange_id
+
+    @property
+    def limit(self) -> float:
+        """The most one request may weigh, and in window mode the most one window may spend."""
+        if self.window_seconds is None:
+            return self.capacity
+        return self.capacity + self.refill_per_second * self.window_seconds
+
+    def window_at(self, now: datetime) -> tuple[datetime, float]:
+        """(start, weight used) of the fixed window `now` falls in; `_WINDOW_START` in Python."""
+        assert self.window_seconds is not None
+        epoch = now.timestamp()
+        start = datetime.fromtimestamp(epoch - epoch % self.window_seconds, tz=now.tzinfo)
+        if self.window_started_at is not None and self.window_started_at >= start:
+            return self.window_started_at, self.window_used
+        return start, 0.0
 
     @property
     def configured_weight_per_minute(self) -> float:

@@ -47,10 +47,8 @@ print(granted, last_grant)
 """
 
 
-def test_processes_share_the_budget_without_exceeding_it(tmp_path):
-    RateLimit.objects.create(
-        exchange_id="hammer", capacity=CAPACITY, refill_per_second=REFILL_PER_SECOND, tokens=CAPACITY
-    )
+def hammer(tmp_path) -> tuple[float, list[tuple[int, float]]]:
+    """Run PROCESSES children against the row "hammer" for SECONDS: (start_at, [(grants, last grant at)])."""
     env = child_env(DJANGO_SETTINGS_MODULE="datacollector.settings")
     children = [
         subprocess.Popen(
@@ -79,10 +77,18 @@ def test_processes_share_the_budget_without_exceeding_it(tmp_path):
             if child.poll() is None:
                 child.kill()
     assert [child.returncode for child in children] == [0] * PROCESSES
-
     reports = [output.strip().splitlines()[-1].split() for output in outputs]
-    per_process = [int(granted) for granted, _ in reports]
-    last_grant = max(float(at) for _, at in reports)
+    return start_at, [(int(granted), float(at)) for granted, at in reports]
+
+
+def test_processes_share_the_budget_without_exceeding_it(tmp_path):
+    RateLimit.objects.create(
+        exchange_id="hammer", capacity=CAPACITY, refill_per_second=REFILL_PER_SECOND, tokens=CAPACITY
+    )
+    start_at, reports = hammer(tmp_path)
+
+    per_process = [granted for granted, _ in reports]
+    last_grant = max(at for _, at in reports)
     row = RateLimit.objects.get(exchange_id="hammer")
     assert sum(per_process) == row.granted
     assert row.tokens_used == row.granted
@@ -97,3 +103,34 @@ def test_processes_share_the_budget_without_exceeding_it(tmp_path):
     assert all(count > 0 for count in per_process)
     assert row.denied > 0
     assert row.wait_seconds > 0
+
+
+WINDOW_SECONDS = 1.0
+PER_WINDOW = 60.0  # CAPACITY (50) plus one window of 10 per second
+
+
+def test_processes_sharing_a_fixed_window_never_exceed_it(tmp_path):
+    # Windows start at whole seconds of the database clock, which this machine's clock is (127.0.0.1).
+    RateLimit.objects.create(
+        exchange_id="hammer",
+        capacity=CAPACITY,
+        refill_per_second=(PER_WINDOW - CAPACITY) / WINDOW_SECONDS,
+        tokens=CAPACITY,
+        window_seconds=WINDOW_SECONDS,
+    )
+    start_at, reports = hammer(tmp_path)
+
+    per_process = [granted for granted, _ in reports]
+    last_grant = max(at for _, at in reports)
+    row = RateLimit.objects.get(exchange_id="hammer")
+    assert sum(per_process) == row.granted
+    # Every grant fell in a window from the one holding start_at to the one holding last_grant, and no
+    # window grants more than PER_WINDOW.
+    windows = int(last_grant // WINDOW_SECONDS) - int(start_at // WINDOW_SECONDS) + 1
+    assert row.granted <= PER_WINDOW * windows, f"granted {row.granted} in {windows} windows"
+    assert row.window_used <= PER_WINDOW
+    # And each whole window inside [start_at, start_at + SECONDS] was spent, all of it.
+    whole = int((start_at + SECONDS) // WINDOW_SECONDS) - int(start_at // WINDOW_SECONDS) - 1
+    assert row.granted >= PER_WINDOW * whole, f"granted only {row.granted} in {whole} whole windows"
+    print(f"granted {row.granted} in {windows} windows of {PER_WINDOW:g}, per process {per_process}")
+    assert row.denied > 0
