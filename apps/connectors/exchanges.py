@@ -583,8 +583,10 @@ def announced_weight_per_minute(body: str) -> int | None:
     at = body.find('"rateLimits":')
     if at < 0:
         return None
+    # raw_decode does not skip whitespace itself: `"rateLimits": [` (a body that is not compact) would fail.
+    start = json.decoder.WHITESPACE.match(body, at + len('"rateLimits":')).end()
     try:
-        limits, _ = json.JSONDecoder().raw_decode(body, at + len('"rateLimits":'))
+        limits, _ = json.JSONDecoder().raw_decode(body, start)
     except ValueError:
         return None
     per_minute = []

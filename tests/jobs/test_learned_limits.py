@@ -13,6 +13,7 @@ are sized to need about 1.4 windows of weight, the least that proves the limit b
 boundary: each test takes 60-100 s.
 """
 
+import json
 import subprocess
 import sys
 import threading
@@ -23,14 +24,13 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
+from apps.connectors.exchanges import announced_weight_per_minute
 from apps.connectors.models import Connector
 from apps.marketdata import store
 from apps.marketdata.timeframes import datetime_to_ms
-from apps.ratelimits.models import RateLimit
+from apps.ratelimits.models import RateLimit, capped_limit
 from tests.fakes.binance import FakeBinance
 from tests.jobs.standins import child_env
-
-pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 MINUTE = 60_000
 # The exchange's clock is fixed, so which candles are closed is known; the processes ask its /time.
@@ -98,6 +98,8 @@ def assert_complete(fake: FakeBinance, symbols: list[str], since_ms: int) -> Non
         assert rows == fake.closed_candles(symbol, "1m", since_ms), symbol
 
 
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
 def test_three_backfill_processes_at_the_default_limit_never_exceed_the_announced_300_per_minute(fake, tmp_path):
     default_connector(fake)
     # Different symbols per process is the harder case: with the same ones, the leases would let one
@@ -148,6 +150,8 @@ class OtherClient(threading.Thread):
             self.stopping.wait(0.005)
 
 
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
 def test_weight_spent_by_another_client_on_the_ip_is_absorbed_through_the_used_weight_header(fake, tmp_path):
     default_connector(fake)
     other = OtherClient(fake, weight=150)  # half the fake's 300 a minute, every minute
@@ -173,3 +177,42 @@ def test_weight_spent_by_another_client_on_the_ip_is_absorbed_through_the_used_w
     # Not vacuous: what we spent did not fit into what the other client left in one window.
     assert fake.counts["weight"] > LIMIT - other.weight, fake.counts
     assert_complete(fake, symbols, since_ms)
+
+
+def exchange_info(*limits: tuple[str, int, int]) -> str:
+    entries = [{"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": 100}]
+    entries += [
+        {"rateLimitType": "REQUEST_WEIGHT", "interval": interval, "intervalNum": number, "limit": limit}
+        for interval, number, limit in limits
+    ]
+    return json.dumps({"timezone": "UTC", "rateLimits": entries, "symbols": []})
+
+
+@pytest.mark.parametrize(
+    ("limits", "per_minute"),
+    [
+        ((("MINUTE", 1, 6000),), 6000),
+        ((("MINUTE", 1, 300),), 300),
+        ((("MINUTE", 5, 30000),), 6000),
+        ((("HOUR", 1, 60000),), 1000),
+        # Shorter than a minute: the whole minute's budget must fit into one such window.
+        ((("SECOND", 10, 50),), 50),
+        ((("SECOND", 10, 2000), ("MINUTE", 1, 6000)), 2000),
+        ((("SECOND", 1, 100), ("MINUTE", 1, 6000)), 100),
+        ((), None),
+    ],
+)
+def test_the_announced_request_weight_is_read_per_minute(limits, per_minute):
+    assert announced_weight_per_minute(exchange_info(*limits)) == per_minute
+
+
+@pytest.mark.parametrize(("interval", "number", "limit"), [("SECOND", 10, 50), ("SECOND", 1, 20), ("MINUTE", 1, 300)])
+def test_a_connector_at_its_default_never_promises_more_than_one_announced_window_allows(interval, number, limit):
+    window = {"SECOND": 1, "MINUTE": 60}[interval] * number
+    capacity, refill = capped_limit(
+        300, 5400 / 60, announced_weight_per_minute(exchange_info((interval, number, limit)))
+    )
+    # A token bucket grants its burst plus a window of refill within one window ...
+    assert capacity + refill * window <= limit
+    # ... and a limiter counting fixed minutes may grant a whole minute's budget at once.
+    assert capacity + refill * 60 <= limit
