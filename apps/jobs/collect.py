@@ -50,6 +50,12 @@ MAX_GAP_REFETCHES_PER_RUN = 20
 # Pages one scheduled run may fetch before handing the worker back (`result.more` asks for another
 # run at once), so one job with years of history cannot starve the others. Backfill has no such cap.
 MAX_PAGES_PER_RUN = 200
+# Indicators are brought up to date after this many candles are written, not only at the end of a run:
+# a backfill of a long range then ends with one chunk to compute instead of the whole series (seconds in
+# which no page is fetched, and the whole series in memory at once). While a chunk is computed the
+# series' pages wait; the shared bucket keeps the tokens for the other series or, up to its burst, for
+# this one afterwards. A scheduled run writes fewer candles and computes once, at its end.
+INDICATOR_CHUNK_CANDLES = 50_000
 # The Run row's counters are refreshed at most this often while a job runs (the final values are
 # written by whoever finishes the run).
 RUN_PROGRESS_INTERVAL_SECONDS = 2.0
@@ -294,6 +300,9 @@ class _Collection:
         self.skipped_from: int | None = None
         # Set when the exchange answered with later candles only: nothing exists up to this open time.
         self.nothing_before: int | None = None
+        # Earliest candle written since the indicators were last brought up to date, and the count since.
+        self.indicators_from: int | None = None
+        self.indicators_pending = 0
         self.fetcher = _Fetcher(job, client, self.step, self.page_limit, prefetch)
         self._run_saved_at = time.monotonic()
 
@@ -330,7 +339,17 @@ class _Collection:
             first, last = rows[0][0], rows[-1][0]
             self.result.first_ts = first if self.result.first_ts is None else min(self.result.first_ts, first)
             self.result.last_ts = last if self.result.last_ts is None else max(self.result.last_ts, last)
+            self.indicators_from = first if self.indicators_from is None else min(self.indicators_from, first)
+            self.indicators_pending += count
+            if self.indicators_pending >= INDICATOR_CHUNK_CANDLES:
+                self.update_indicators()
         return len(rows)
+
+    def update_indicators(self) -> None:
+        """Compute the indicators from the earliest candle written since the last time to the series' end."""
+        if self.indicators_from is not None:
+            update_indicators(*self.series, self.indicators_from)
+        self.indicators_from, self.indicators_pending = None, 0
 
     def _request(self, since: int, end: int) -> "_Request | None":
         """Start fetching the page at `since` (in the helper thread when prefetching), or None when the
@@ -518,8 +537,7 @@ def _collect(job: Job, collection: _Collection, client: ExchangeClient, until_ms
                 gaps_module.sync_gaps(*series, lower, last)
         if not (failed or result.stopped or result.more):
             collection.refetch_gaps(gaps_module)
-        if result.first_ts is not None:
-            update_indicators(*series, result.first_ts)
+        collection.update_indicators()
         collection.refresh_counters()
     result.gaps_open = len(gaps_module.gaps_to_refetch(*series))
     result.complete = job.cursor is not None and job.cursor + step > end
