@@ -480,7 +480,18 @@ def run_once(
         "server_cpu": server.seconds(),
         "fake_cpu": process_cpu_seconds(fake.pid) - fake_cpu,
         "profiles": profiles,
+        "timeline": timeline(fake.weight_per_second, started_wall, started_wall + elapsed),
     }
+
+
+def timeline(per_second: dict[int, int], start: float, end: float, width: int = 10) -> str:
+    """Weight the server counted in each `width` seconds of the run: where the budget went unused."""
+    first = math.floor(start)
+    buckets = [0] * (math.floor(end) // width - first // width + 1)
+    for second, used in per_second.items():
+        if first <= second <= end:
+            buckets[second // width - first // width] += used
+    return ",".join(str(used) for used in buckets)
 
 
 def main() -> None:
@@ -543,6 +554,7 @@ def main() -> None:
                             f"{r['cpu']:.1f}/{r['server_cpu']:.1f}/{r['fake_cpu']:.1f}",
                             flush=True,
                         )
+                        print(f"       weight per 10 s (budget 1,000): {r['timeline']}")
                         if r["profiles"]:
                             print_profile(r["profiles"], r["seconds"])
         finally:
