@@ -65,3 +65,12 @@ def test_a_refused_insert_inside_a_transaction_rolls_back_to_a_savepoint_and_ups
 def test_a_refused_insert_in_autocommit_upserts(monkeypatch):
     assert not connection.in_atomic_block
     write_past_the_check(monkeypatch)
+
+
+@pytest.mark.django_db
+def test_ranges_the_series_holds_nothing_in_never_run_the_upsert(monkeypatch):
+    monkeypatch.setattr(sqlstore, "_UPSERT", "SELECT 1 / 0")  # fails if run
+
+    assert store.upsert_candles(*SERIES, [candle(i) for i in range(10, 20)]) == UpsertResult(10, 0, 0)
+    assert store.upsert_candles(*SERIES, [candle(i) for i in range(20, 30)]) == UpsertResult(10, 0, 0)
+    assert store.upsert_candles(*SERIES, [candle(i) for i in range(5)]) == UpsertResult(5, 0, 0)
