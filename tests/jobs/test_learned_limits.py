@@ -101,7 +101,9 @@ def assert_complete(fake: FakeBinance, symbols: list[str], since_ms: int) -> Non
 
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
-def test_three_backfill_processes_at_the_default_limit_never_exceed_the_announced_300_per_minute(fake, tmp_path):
+def test_three_backfill_processes_at_the_default_limit_never_exceed_the_announced_300_per_minute(
+    fake, tmp_path, api_client
+):
     default_connector(fake)
     # Different symbols per process is the harder case: with the same ones, the leases would let one
     # process collect each series and the others skip it, so fewer requests would run at once.
@@ -130,6 +132,11 @@ def test_three_backfill_processes_at_the_default_limit_never_exceed_the_announce
     assert row.tokens_used == fake.counts["weight"]  # every request went through the shared bucket
     # Logged once, by whichever process learned it first, not once per process.
     assert sum("is capped" in log for log in logs.values()) == 1, logs
+    # And shown to the operator.
+    [shown] = api_client.get("/api/v1/ratelimits/?exchange_id=binance").data["results"]
+    fields = ("announced_weight_per_minute", "configured_weight_per_minute", "capped")
+    assert [shown[field] for field in fields] == [LIMIT, 5400, True]
+    assert shown["effective_weight_per_minute"] < LIMIT
 
 
 class OtherClient(threading.Thread):
