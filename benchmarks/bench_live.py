@@ -6,9 +6,16 @@ one candle behind, so all of them fall due at the same second, every minute, as 
 `manage.py run_scheduler` processes (BENCH_LIVE_WORKERS threads each, default collector.yaml's) run for
 BENCH_LIVE_SECONDS (default 150), then get SIGTERM.
 
-Figures: p50/p99/max of the delay from a candle's close to the commit of the run that stored it (for a
-run that stored n candles, its oldest one: n - 1 minutes before the close its start followed), runs/s,
-the exchange budget used (weight / 6,000 per minute) and 429/418 answers. Nothing is asserted.
+Figures: p50/p99/max of the delay from a candle's close to the commit of the run that stored it, for every
+candle that closed after the schedulers started. Exact, from the runs: each job's successful runs, in order,
+wrote its candles in order (the fake has no holes, so they are the consecutive minutes after the starting
+cursor; a job whose final cursor disagrees is counted and left out), so the k-th candle belongs to the run
+whose running total of candles written first reaches k, and was committed when that run finished (its
+pages commit before its release: an upper bound by the release's few ms). Candles that closed but were not
+stored when the schedulers stopped count with the delay until the stop (a lower bound; their number is
+printed). Also: runs/s, the exchange budget used (weight / 6,000 per minute), 429/418 answers, the CPU the
+schedulers used, how busy their workers were, and a "bounded by" line naming what limits the delay.
+Nothing is asserted.
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/dc_bench SECRET_KEY=x .venv/bin/python -m benchmarks live
 
@@ -18,7 +25,6 @@ BENCH_LIVE_LATENCY_MS (20).
 
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +39,69 @@ ROOT = Path(__file__).resolve().parent.parent
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a running process (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def close_to_commit_delays(cursor: int, started: float, stopped: float) -> tuple[list[float], int, int]:
+    """(delays in seconds, candles closed but not stored by `stopped`, jobs left out); see the module doc."""
+    from apps.jobs.models import Job, Run
+
+    runs: dict[int, list[tuple[float, int]]] = {}
+    for job_id, finished, written in (
+        Run.objects.filter(status=Run.Status.SUCCESS, candles_written__gt=0)
+        .order_by("finished_at")
+        .values_list("job_id", "finished_at", "candles_written")
+    ):
+        runs.setdefault(job_id, []).append((finished.timestamp(), written))
+    delays: list[float] = []
+    late = mismatched = 0
+    for job_id, final in Job.objects.values_list("id", "cursor"):
+        done = runs.get(job_id, [])
+        if final != cursor + sum(written for _, written in done) * MINUTE:
+            mismatched += 1
+            continue
+        ts = cursor
+        for finished, written in done:
+            for _ in range(written):
+                ts += MINUTE
+                close = (ts + MINUTE) / 1000
+                if close >= started:
+                    delays.append(finished - close)
+        # Closed before the stop, not stored: waiting still.
+        ts += MINUTE
+        while (ts + MINUTE) / 1000 <= stopped:
+            if (ts + MINUTE) / 1000 >= started:
+                delays.append(stopped - (ts + MINUTE) / 1000)
+                late += 1
+            ts += MINUTE
+    return delays, late, mismatched
+
+
+def bounded_by(budget_used: float, rejected: int, cpu_share: float, worker_share: float) -> str:
+    """What limits the delay, from the run's own figures."""
+    if rejected:
+        return f"the exchange: {rejected} requests rejected (429/418)"
+    if budget_used >= 0.9:
+        return f"the exchange budget ({budget_used:.0%} of 6,000 weight a minute used)"
+    if cpu_share >= 0.85:
+        return (
+            f"CPU: the schedulers and their database use {cpu_share:.0%} of the machine's cores "
+            "(the work per run; more workers would not help)"
+        )
+    if worker_share >= 0.85:
+        return f"workers: busy {worker_share:.0%} of the time waiting on I/O (more workers per process would help)"
+    return (
+        "the clock: runs keep up (candles wait for their close plus collector.yaml's schedule_delay_seconds, "
+        "then for the time one burst of due jobs takes to get through the workers)"
+    )
 
 
 def main() -> None:
@@ -92,6 +161,7 @@ def main() -> None:
             ]
             try:
                 time.sleep(seconds)
+                cpu_seconds = sum(_cpu_seconds(child.pid) for child in children)
             finally:
                 for child in children:
                     child.send_signal(signal.SIGTERM)
@@ -100,29 +170,36 @@ def main() -> None:
                         child.wait(timeout=60)
                     except subprocess.TimeoutExpired:
                         child.kill()
-            elapsed = time.time() - started
+            stopped = time.time()
+            elapsed = stopped - started
             fake.refresh()
-            runs = list(
-                Run.objects.filter(status=Run.Status.SUCCESS).values_list(
-                    "started_at", "finished_at", "candles_written"
-                )
-            )
-            delays = []
-            for run_started, finished, written in runs:
-                if not written:
-                    continue
-                close_ms = int(run_started.timestamp() * 1000) // MINUTE * MINUTE - (written - 1) * MINUTE
-                delays.append(finished.timestamp() - close_ms / 1000)
+            delays, late, mismatched = close_to_commit_delays(cursor, started, stopped)
+            runs = Run.objects.filter(status=Run.Status.SUCCESS)
+            succeeded = runs.count()
             failed = Run.objects.filter(status=Run.Status.FAILED).count()
+            busy = sum(
+                (finished - begun).total_seconds() for begun, finished in runs.values_list("started_at", "finished_at")
+            )
             budget = 6000 * elapsed / 60
+            used = fake.counts["weight"] / budget
+            cpu_per_run = cpu_seconds / max(1, succeeded)
+            cpu_share = cpu_seconds / elapsed / (os.cpu_count() or 1)
+            worker_share = busy / (elapsed * processes * workers)
+            p99 = percentile(delays, 0.99)
             print(
-                f"runs: {len(runs)} succeeded, {failed} failed, {len(runs) / elapsed:.1f} runs/s; "
-                f"close-to-commit delay p50 {statistics.median(delays) if delays else float('nan'):.1f}s "
-                f"p99 {percentile(delays, 0.99):.1f}s max {max(delays, default=float('nan')):.1f}s "
-                f"({len(delays)} candles' runs); requests {fake.counts['requests']}, weight {fake.counts['weight']} "
-                f"= {fake.counts['weight'] / budget:.0%} of the budget; 429: {fake.counts['429']}, "
-                f"418: {fake.counts['418']}",
+                f"runs: {succeeded} succeeded, {failed} failed, {succeeded / elapsed:.1f} runs/s; "
+                f"close-to-commit delay p50 {percentile(delays, 0.5):.1f}s p99 {p99:.1f}s "
+                f"max {max(delays, default=float('nan')):.1f}s over {len(delays)} candles "
+                f"({late} not stored by the stop, counted until it; {mismatched} jobs left out); "
+                f"requests {fake.counts['requests']}, weight {fake.counts['weight']} = {used:.0%} of the budget; "
+                f"429: {fake.counts['429']}, 418: {fake.counts['418']}",
                 flush=True,
             )
+            print(
+                f"schedulers: {cpu_seconds:.1f} CPU s = {cpu_per_run * 1000:.1f} ms a run, {cpu_share:.0%} of the "
+                f"machine; workers busy {worker_share:.0%} of the time; load average now {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
+            print(f"bounded by: {bounded_by(used, fake.counts['429'], cpu_share, worker_share)}", flush=True)
         finally:
             fake.stop()

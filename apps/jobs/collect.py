@@ -305,6 +305,10 @@ class _Collection:
         self.indicators_pending = 0
         self.fetcher = _Fetcher(job, client, self.step, self.page_limit, prefetch)
         self._run_saved_at = time.monotonic()
+        # The next open time while every candle written so far extended the series slot by slot right
+        # after the cursor the run started from; None once one did not (see `appended_only`).
+        self.appending: int | None = job.cursor + self.step if job.cursor is not None else None
+        self.had_open_gaps = True  # until refetch_gaps finds none
 
     def refresh_counters(self) -> None:
         clients = list(self.fetcher.clients)
@@ -413,6 +417,8 @@ class _Collection:
             if rows:
                 stored += self._write(rows)
                 last = rows[-1][0]
+                contiguous = rows[0][0] == self.appending and last - rows[0][0] == (len(rows) - 1) * self.step
+                self.appending = last + self.step if move_cursor and contiguous else None
                 if move_cursor:
                     self._save_cursor(last)
                 if self.progress is not None:
@@ -422,8 +428,15 @@ class _Collection:
             self._after_page()
         return stored
 
+    def appended_only(self) -> bool:
+        """Every candle this run wrote extended the series slot by slot right after its cursor: no slot
+        can have gone missing, so there is no new gap to record (the live case: one new candle a run)."""
+        return self.appending is not None and self.skipped_from is None and self.result.first_ts is not None
+
     def refetch_gaps(self, gaps_module: Any) -> None:
-        for gap in gaps_module.gaps_to_refetch(*self.series)[:MAX_GAP_REFETCHES_PER_RUN]:
+        gaps = gaps_module.gaps_to_refetch(*self.series)
+        self.had_open_gaps = bool(gaps)
+        for gap in gaps[:MAX_GAP_REFETCHES_PER_RUN]:
             if self.stop is not None and self.stop.is_set():
                 self.result.stopped = True
                 return
@@ -507,8 +520,8 @@ def _collect(job: Job, collection: _Collection, client: ExchangeClient, until_ms
     failed = True
     try:
         # History requested before what is stored (a backfill moved `since` back): fill the head first.
-        stored_first = store.first_ts(*series)
-        if job.cursor is not None and job.since is not None and stored_first is not None:
+        stored_first = store.first_ts(*series) if job.cursor is not None and job.since is not None else None
+        if stored_first is not None:
             since_ms = datetime_to_ms(job.since)
             if stored_first - since_ms >= step:  # at least one whole slot before the first stored candle
                 sync_from = since_ms
@@ -527,7 +540,7 @@ def _collect(job: Job, collection: _Collection, client: ExchangeClient, until_ms
     finally:
         # Even when the exchange failed half-way, what was stored gets its gaps recorded and indicators.
         result = collection.result
-        if result.first_ts is not None:
+        if result.first_ts is not None and not collection.appended_only():
             first = store.first_ts(*series)
             last = store.last_ts(*series)
             if first is not None and last is not None:
@@ -535,10 +548,13 @@ def _collect(job: Job, collection: _Collection, client: ExchangeClient, until_ms
                 if collection.skipped_from is not None:
                     lower = min(lower, collection.skipped_from)
                 gaps_module.sync_gaps(*series, lower, last)
-        if not (failed or result.stopped or result.more):
+        refetched = not (failed or result.stopped or result.more)
+        if refetched:
             collection.refetch_gaps(gaps_module)
         collection.update_indicators()
         collection.refresh_counters()
-    result.gaps_open = len(gaps_module.gaps_to_refetch(*series))
+    # No open gap before the refetch and none recorded since: none now, without asking again.
+    known_none = refetched and not collection.had_open_gaps and (result.first_ts is None or collection.appended_only())
+    result.gaps_open = 0 if known_none else len(gaps_module.gaps_to_refetch(*series))
     result.complete = job.cursor is not None and job.cursor + step > end
     return result
