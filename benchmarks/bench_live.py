@@ -85,19 +85,24 @@ def close_to_commit_delays(cursor: int, started: float, stopped: float) -> tuple
     return delays, late, mismatched
 
 
-def bounded_by(budget_used: float, rejected: int, cpu_share: float, worker_share: float) -> str:
+def bounded_by(
+    budget_used: float, rejected: int, cpu_share: float, worker_share: float, load: float, cores: int
+) -> str:
     """What limits the delay, from the run's own figures."""
     if rejected:
         return f"the exchange: {rejected} requests rejected (429/418)"
     if budget_used >= 0.9:
         return f"the exchange budget ({budget_used:.0%} of 6,000 weight a minute used)"
     if cpu_share >= 0.85:
+        return f"CPU: the schedulers use {cpu_share:.0%} of the machine's cores (the work per run)"
+    if worker_share >= 0.8 and load >= cores:
         return (
-            f"CPU: the schedulers and their database use {cpu_share:.0%} of the machine's cores "
-            "(the work per run; more workers would not help)"
+            f"the workers, all busy ({worker_share:.0%}), on a CPU-oversubscribed machine (load {load:.1f} on "
+            f"{cores} cores, the schedulers {cpu_share:.0%} of it): a run's wall time is mostly waiting for a CPU, "
+            "so the work per run and the machine bound it, not the exchange"
         )
-    if worker_share >= 0.85:
-        return f"workers: busy {worker_share:.0%} of the time waiting on I/O (more workers per process would help)"
+    if worker_share >= 0.8:
+        return f"the workers, all busy ({worker_share:.0%}) waiting on I/O: more workers per process would help"
     return (
         "the clock: runs keep up (candles wait for their close plus collector.yaml's schedule_delay_seconds, "
         "then for the time one burst of due jobs takes to get through the workers)"
@@ -160,7 +165,11 @@ def main() -> None:
                 for n in range(processes)
             ]
             try:
-                time.sleep(seconds)
+                # The machine is shared: sample its load while the schedulers run, to say what bounded them.
+                loads = []
+                while time.time() < started + seconds:
+                    time.sleep(min(5.0, max(0.0, started + seconds - time.time())))
+                    loads.append(os.getloadavg()[0])
                 cpu_seconds = sum(_cpu_seconds(child.pid) for child in children)
             finally:
                 for child in children:
@@ -185,6 +194,8 @@ def main() -> None:
             cpu_per_run = cpu_seconds / max(1, succeeded)
             cpu_share = cpu_seconds / elapsed / (os.cpu_count() or 1)
             worker_share = busy / (elapsed * processes * workers)
+            load = sum(loads) / len(loads) if loads else os.getloadavg()[0]
+            wall_per_run = busy / max(1, succeeded)
             p99 = percentile(delays, 0.99)
             print(
                 f"runs: {succeeded} succeeded, {failed} failed, {succeeded / elapsed:.1f} runs/s; "
@@ -196,10 +207,15 @@ def main() -> None:
                 flush=True,
             )
             print(
-                f"schedulers: {cpu_seconds:.1f} CPU s = {cpu_per_run * 1000:.1f} ms a run, {cpu_share:.0%} of the "
-                f"machine; workers busy {worker_share:.0%} of the time; load average now {os.getloadavg()[0]:.2f}",
+                f"schedulers: {cpu_seconds:.1f} CPU s = {cpu_per_run * 1000:.1f} ms a run "
+                f"({wall_per_run * 1000:.0f} ms "
+                f"of wall time), {cpu_share:.0%} of the machine; workers busy {worker_share:.0%} of the time; "
+                f"load average {load:.2f} while they ran (sampled every 5 s)",
                 flush=True,
             )
-            print(f"bounded by: {bounded_by(used, fake.counts['429'], cpu_share, worker_share)}", flush=True)
+            cores = os.cpu_count() or 1
+            print(
+                f"bounded by: {bounded_by(used, fake.counts['429'], cpu_share, worker_share, load, cores)}", flush=True
+            )
         finally:
             fake.stop()
