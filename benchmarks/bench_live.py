@@ -1,8 +1,9 @@
 """Live collection in real time: 2,000 series on 1m, 2 `run_scheduler` processes, against the fake Binance.
 
 The fake Binance (tests/fakes/binance.py, in a child process, on the real clock) answers with 20 ms
-latency and counts 6,000 weight per clock minute (429/418 past it). Every job starts with its cursor
-one candle behind, so all of them fall due at the same second, every minute, as in production. Two real
+latency and counts 6,000 weight per clock minute (429/418 past it). The schedulers start 5 s before a
+minute closes with every job up to date, so all of them fall due at the same second, every minute, as in
+production. Two real
 `manage.py run_scheduler` processes (BENCH_LIVE_WORKERS threads each, default collector.yaml's) run for
 BENCH_LIVE_SECONDS (default 150), then get SIGTERM.
 
@@ -28,6 +29,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 from benchmarks.scratch import scratch_database
@@ -116,10 +118,9 @@ def main() -> None:
     latency = float(os.environ.get("BENCH_LIVE_LATENCY_MS", "20"))
 
     with scratch_database("live"):
-        from django.utils import timezone
-
         from apps.connectors.models import Connector
         from apps.jobs.models import Job, Run
+        from apps.marketdata.timeframes import ms_to_datetime
         from benchmarks.bench_backfill import RemoteFake
         from datacollector.config import get_config
 
@@ -131,10 +132,14 @@ def main() -> None:
         )
         try:
             connector = Connector.objects.create(exchange_id="binance", options=fake.ccxt_options(timeout=10_000))
-            # One candle behind: every job is due now and at every minute's close after.
-            cursor = now_ms // MINUTE * MINUTE - 2 * MINUTE
+            # Start 5 s before a minute closes, every job up to date and due at that close, as a live fleet
+            # is every minute: each run of the same length then sees the same bursts (at +5 s, +65 s, ...).
+            time.sleep((55 - time.time() % 60) % 60)
+            next_close_ms = (int(time.time() * 1000) // MINUTE + 1) * MINUTE
+            cursor = next_close_ms - 2 * MINUTE  # the last closed candle: nothing due before the next close
+            due = ms_to_datetime(next_close_ms) + timedelta(seconds=get_config().scheduler.schedule_delay_seconds)
             Job.objects.bulk_create(
-                Job(connector=connector, symbol=symbol, timeframe="1m", cursor=cursor, next_run_at=timezone.now())
+                Job(connector=connector, symbol=symbol, timeframe="1m", cursor=cursor, next_run_at=due)
                 for symbol in symbols
             )
             print(
