@@ -88,27 +88,33 @@ def close_to_commit_delays(cursor: int, started: float, stopped: float) -> tuple
 
 
 def bounded_by(
-    budget_used: float, rejected: int, cpu_share: float, worker_share: float, load: float, cores: int
+    budget_used: float,
+    rejected: int,
+    series: int,
+    wall_per_run: float,
+    cpu_per_run: float,
+    slots: int,
+    cores: int,
+    load: float,
 ) -> str:
-    """What limits the delay, from the run's own figures."""
+    """What limits the delay, from the run's own figures: the exchange, else the slower of two floors on the
+    time one burst of `series` due runs takes (the workers' wall time per run, the schedulers' CPU)."""
     if rejected:
         return f"the exchange: {rejected} requests rejected (429/418)"
     if budget_used >= 0.9:
         return f"the exchange budget ({budget_used:.0%} of 6,000 weight a minute used)"
-    if cpu_share >= 0.85:
-        return f"CPU: the schedulers use {cpu_share:.0%} of the machine's cores (the work per run)"
-    if worker_share >= 0.8 and load >= cores:
-        return (
-            f"the workers, all busy ({worker_share:.0%}), on a CPU-oversubscribed machine (load {load:.1f} on "
-            f"{cores} cores, the schedulers {cpu_share:.0%} of it): a run's wall time is mostly waiting for a CPU, "
-            "so the work per run and the machine bound it, not the exchange"
-        )
-    if worker_share >= 0.8:
-        return f"the workers, all busy ({worker_share:.0%}) waiting on I/O: more workers per process would help"
-    return (
-        "the clock: runs keep up (candles wait for their close plus collector.yaml's schedule_delay_seconds, "
-        "then for the time one burst of due jobs takes to get through the workers)"
+    workers_floor = wall_per_run * series / slots
+    cpu_floor = cpu_per_run * series / cores
+    workers = (
+        f"{series} runs x {wall_per_run * 1000:.0f} ms of wall time / {slots} workers = {workers_floor:.0f} s a burst"
     )
+    cpu = (
+        f"{series} runs x {cpu_per_run * 1000:.1f} ms of scheduler CPU / {cores} cores = {cpu_floor:.0f} s a burst "
+        f"(PostgreSQL's CPU not counted; load average {load:.1f})"
+    )
+    if workers_floor >= cpu_floor:
+        return f"the workers: {workers}; then CPU: {cpu}"
+    return f"CPU: {cpu}; then the workers: {workers}"
 
 
 def main() -> None:
@@ -219,8 +225,9 @@ def main() -> None:
                 flush=True,
             )
             cores = os.cpu_count() or 1
-            print(
-                f"bounded by: {bounded_by(used, fake.counts['429'], cpu_share, worker_share, load, cores)}", flush=True
+            bound = bounded_by(
+                used, fake.counts["429"], series, wall_per_run, cpu_per_run, processes * workers, cores, load
             )
+            print(f"bounded by: {bound}", flush=True)
         finally:
             fake.stop()
