@@ -52,7 +52,7 @@ class IndicatorConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    workers: int = 2
+    workers: int = 8
     batch_size: int = 10
     lease_seconds: int = 120
     interval_seconds: float = 1.0
