@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
+from tests.jobs.conftest import track
 from tests.pgcluster import PostgresCluster
 
 pytestmark = pytest.mark.slow
@@ -36,18 +37,6 @@ TIMEFRAMES_MS = {"1h": HOUR, "2h": 2 * HOUR, "4h": 4 * HOUR, "6h": 6 * HOUR}
 # Four years of hourly candles are 36 pages of 1,000; at 100 ms a request a job runs for seconds.
 SINCE = (datetime.now(UTC) - timedelta(days=1500)).replace(hour=0, minute=0, second=0, microsecond=0)
 SINCE_MS = int(SINCE.timestamp() * 1000)
-
-_SPAWNED: list[subprocess.Popen] = []
-
-
-@pytest.fixture(autouse=True)
-def _kill_leftover_processes():
-    yield
-    while _SPAWNED:
-        process = _SPAWNED.pop()
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture
@@ -72,8 +61,7 @@ def manage(env: dict[str, str], *args: str, log: Path) -> subprocess.Popen:
         process = subprocess.Popen(
             [sys.executable, "manage.py", *args], cwd=settings.BASE_DIR, env=env, stdout=out, stderr=subprocess.STDOUT
         )
-    _SPAWNED.append(process)
-    return process
+    return track(process)
 
 
 def seed(env: dict[str, str], symbols: list[str], timeframes: list[str]) -> None:

@@ -31,6 +31,7 @@ from apps.marketdata import store
 from apps.marketdata.timeframes import datetime_to_ms
 from apps.ratelimits.models import RateLimit, capped_limit
 from tests.fakes.binance import FakeBinance
+from tests.jobs.conftest import track
 from tests.jobs.standins import child_env
 
 MINUTE = 60_000
@@ -38,19 +39,6 @@ MINUTE = 60_000
 NOW_MS = datetime_to_ms(datetime(2024, 3, 1, 12, 0, 30, tzinfo=UTC))
 LIMIT = 300  # request weight per clock minute at the fake
 PROCESS_TIMEOUT = 240  # a stuck bucket would show as a timeout, not a hang
-
-_SPAWNED: list[subprocess.Popen] = []
-
-
-@pytest.fixture(autouse=True)
-def _kill_leftover_processes():
-    """A failing test must not leave backfills running (they would hold the test database)."""
-    yield
-    while _SPAWNED:
-        process = _SPAWNED.pop()
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture
@@ -80,8 +68,7 @@ def start_backfill(tmp_path: Path, name: str, symbols: list[str], since_ms: int)
         stdout=log,
         stderr=subprocess.STDOUT,
     )  # fmt: skip
-    _SPAWNED.append(process)
-    return process
+    return track(process)
 
 
 def finish(process: subprocess.Popen, tmp_path: Path, name: str) -> int:

@@ -17,25 +17,12 @@ from django.utils import timezone
 
 from apps.connectors.models import Connector
 from apps.jobs.models import Job, Run
+from tests.jobs.conftest import track
 from tests.jobs.standins import child_env
 
 PROCESS_TIMEOUT = 60
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
-
-
-_SPAWNED: list[subprocess.Popen] = []
-
-
-@pytest.fixture(autouse=True)
-def _kill_leftover_processes():
-    """A failing test must not leave schedulers running (they would hold the test database)."""
-    yield
-    while _SPAWNED:
-        process = _SPAWNED.pop()
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def start_scheduler(tmp_path: Path, name: str, *args: str, log_level: str = "WARNING") -> subprocess.Popen:
@@ -47,8 +34,7 @@ def start_scheduler(tmp_path: Path, name: str, *args: str, log_level: str = "WAR
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    _SPAWNED.append(process)
-    return process
+    return track(process)
 
 
 def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
