@@ -1,4 +1,4 @@
-"""Indicators (SMA, EMA, RSI, MACD, Bollinger Bands) computed with `ta` after each collection.
+"""Indicators (SMA, EMA, RSI, MACD, Bollinger Bands) computed as `ta` computes them after each collection.
 
 The set comes from `get_config().indicators`; every configured period becomes columns of one row per
 candle, keyed like the candle (exchange_id, symbol, timeframe, ts):
@@ -52,18 +52,19 @@ update nothing, and a revision only the rows from the revised candle on. (Values
 different windows agree to 1e-10, not to the bit, so a recompute does rewrite rows an incremental
 update wrote.) On PostgreSQL an update of 1,000 candles
 costs about 10 ms, write included (benchmarks/bench_indicators.py).
+
+Cost. `ta`'s indicator objects build some forty pandas Series per update, most of a live run's CPU;
+`_Averages` runs the same pandas window operations on one Series, each once, so the values are `ta`'s
+bit for bit (tests/marketdata/test_indicators.py checks them against `ta` itself).
 """
 
 import dataclasses
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pandas as pd
-from ta.momentum import RSIIndicator
-from ta.trend import MACD, EMAIndicator, SMAIndicator
-from ta.volatility import BollingerBands
 
 from apps.marketdata import store
 from apps.marketdata.timeframes import timeframe_ms
@@ -173,7 +174,6 @@ class IndicatorSet:
         RSI seed known to be exact (otherwise a flat window start hides the state before it).
         """
         close = np.asarray(close, dtype=float)
-        series = pd.Series(close, copy=False)
         changes = _changes(close)
         index = np.arange(len(close))
         out: dict[str, np.ndarray] = {}
@@ -193,25 +193,73 @@ class IndicatorSet:
                     stable[:] = False
             out[name] = np.where(stable, values, np.nan)
 
+        averages = _Averages(close)
         for period in _unique(self.config.sma):
-            put(f"sma_{period}", SMAIndicator(series, window=period).sma_indicator())
+            put(f"sma_{period}", averages.sma(period))
         for period in _unique(self.config.ema):
-            put(f"ema_{period}", EMAIndicator(series, window=period).ema_indicator())
+            put(f"ema_{period}", averages.ema(period))
         for period in _unique(self.config.rsi):
-            put(f"rsi_{period}", _held_rsi(RSIIndicator(series, window=period).rsi().to_numpy(), changes, period))
+            put(f"rsi_{period}", _held_rsi(averages.rsi(period), changes, period))
         for macd in _unique(self.config.macd):
             line, signal, hist = macd_columns(macd)
-            indicator = MACD(series, window_slow=macd.slow, window_fast=macd.fast, window_sign=macd.signal)
-            put(line, indicator.macd())
-            put(signal, indicator.macd_signal())
-            put(hist, indicator.macd_diff())
+            macd_line = averages.ema(macd.fast) - averages.ema(macd.slow)
+            macd_signal = _ema(macd_line, macd.signal)
+            put(line, macd_line)
+            put(signal, macd_signal)
+            put(hist, macd_line - macd_signal)
         for bollinger in _unique(self.config.bollinger):
             upper, middle, lower = bollinger_columns(bollinger)
-            indicator = BollingerBands(series, window=bollinger.period, window_dev=bollinger.std)
-            put(upper, indicator.bollinger_hband())
-            put(middle, indicator.bollinger_mavg())
-            put(lower, indicator.bollinger_lband())
+            middle_band = averages.sma(bollinger.period)
+            deviation = bollinger.std * averages.std(bollinger.period)
+            put(upper, middle_band + deviation)
+            put(middle, middle_band)
+            put(lower, middle_band - deviation)
         return {name: out[name] for name in self.names}
+
+
+class _Averages:
+    """`ta`'s moving averages of one close series, each computed once (MACD reuses the EMAs, Bollinger the SMA).
+
+    The pandas window operations `ta` runs, with its parameters, so the results are `ta`'s bit for bit.
+    """
+
+    def __init__(self, close: np.ndarray) -> None:
+        self.close = close
+        self.series = pd.Series(close, copy=False)
+        self.cache: dict[tuple[str, int], np.ndarray] = {}
+
+    def sma(self, period: int) -> np.ndarray:
+        return self._cached("sma", period, lambda: self.series.rolling(period, min_periods=period).mean())
+
+    def std(self, period: int) -> np.ndarray:
+        return self._cached("std", period, lambda: self.series.rolling(period, min_periods=period).std(ddof=0))
+
+    def ema(self, period: int) -> np.ndarray:
+        return self._cached("ema", period, lambda: _ema(self.close, period))
+
+    def rsi(self, period: int) -> np.ndarray:
+        """`ta`'s RSI: Wilder averages seeded with the first (zero) change; 100 where the losses are 0."""
+        diff = np.empty(len(self.close))
+        diff[:1] = np.nan
+        diff[1:] = self.close[1:] - self.close[:-1]
+        up = pd.Series(np.where(diff > 0, diff, 0.0), copy=False)
+        down = pd.Series(-np.where(diff < 0, diff, 0.0), copy=False)
+        up_average = up.ewm(alpha=1 / period, min_periods=period, adjust=False).mean().to_numpy()
+        down_average = down.ewm(alpha=1 / period, min_periods=period, adjust=False).mean().to_numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(down_average == 0, 100, 100 - (100 / (1 + up_average / down_average)))
+
+    def _cached(self, kind: str, period: int, compute: Callable[[], pd.Series | np.ndarray]) -> np.ndarray:
+        key = (kind, period)
+        if key not in self.cache:
+            self.cache[key] = np.asarray(compute(), dtype=float)
+        return self.cache[key]
+
+
+def _ema(values: np.ndarray, period: int) -> np.ndarray:
+    """`ta`'s EMA: seeded with the first value, NaN until `period` values were seen (leading NaNs skipped)."""
+    series = pd.Series(values, copy=False)
+    return series.ewm(span=period, min_periods=period, adjust=False).mean().to_numpy()
 
 
 def _unique(items: Iterable) -> list:

@@ -7,11 +7,15 @@ relative to the close for price-like values, 1e-8 points for RSI.
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
 import talib
 from backtesting.test import BTCUSD, EURUSD, GOOG
+from ta.momentum import RSIIndicator
+from ta.trend import MACD, EMAIndicator, SMAIndicator
+from ta.volatility import BollingerBands
 
-from apps.marketdata.indicators import IndicatorSet, bollinger_columns, macd_columns
+from apps.marketdata.indicators import IndicatorSet, _held_rsi, bollinger_columns, macd_columns
 from datacollector.config import BollingerConfig, ConfigError, IndicatorConfig, MacdConfig
 
 DEFAULT = IndicatorSet(IndicatorConfig())
@@ -270,3 +274,56 @@ def test_too_short_series_is_all_null():
 def test_a_period_below_one_is_a_config_error_naming_the_key():
     with pytest.raises(ConfigError, match=r"indicators\.ema\[1\]: must be greater than 0, got 0"):
         IndicatorSet(IndicatorConfig(ema=(12, 0)))
+
+
+def ta_output(close: np.ndarray, config: IndicatorConfig) -> dict[str, np.ndarray]:
+    """Every column as `ta`'s indicator objects compute it (RSI held over flat candles, as stored)."""
+    series = pd.Series(close)
+    changes = np.r_[0, np.cumsum(np.diff(close) != 0)]
+    out: dict[str, np.ndarray] = {}
+    for n in config.sma:
+        out[f"sma_{n}"] = SMAIndicator(series, window=n).sma_indicator().to_numpy()
+    for n in config.ema:
+        out[f"ema_{n}"] = EMAIndicator(series, window=n).ema_indicator().to_numpy()
+    for n in config.rsi:
+        out[f"rsi_{n}"] = _held_rsi(RSIIndicator(series, window=n).rsi().to_numpy(), changes, n)
+    for macd in config.macd:
+        indicator = MACD(series, window_slow=macd.slow, window_fast=macd.fast, window_sign=macd.signal)
+        values = (indicator.macd(), indicator.macd_signal(), indicator.macd_diff())
+        for name, column in zip(macd_columns(macd), values, strict=True):
+            out[name] = column.to_numpy()
+    for bb in config.bollinger:
+        indicator = BollingerBands(series, window=bb.period, window_dev=bb.std)
+        values = (indicator.bollinger_hband(), indicator.bollinger_mavg(), indicator.bollinger_lband())
+        for name, column in zip(bollinger_columns(bb), values, strict=True):
+            out[name] = column.to_numpy()
+    return out
+
+
+def with_flat_stretches(close: np.ndarray, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    close = close.copy()
+    for start in rng.integers(0, len(close) - 1, 40):
+        close[start : start + rng.integers(1, 60)] = close[start]
+    return close
+
+
+@pytest.mark.parametrize("indicators", [DEFAULT, CUSTOM, IndicatorSet(IndicatorConfig(rsi=(2,), ema=(2,), sma=(1, 2)))])
+@pytest.mark.parametrize(
+    "close",
+    [
+        random_walk(6_000, seed=3),
+        with_flat_stretches(random_walk(6_000, seed=4, start=0.0004, sigma=0.03), seed=5),
+        np.r_[np.full(30, 50.0), random_walk(3_000, seed=6, start=50.0)],
+        np.full(500, 7.0),
+        random_walk(10, seed=8),
+    ],
+    ids=["walk", "tiny prices, flat stretches", "starts flat", "constant", "short"],
+)
+def test_raw_values_are_bit_for_bit_what_ta_computes(indicators, close):
+    # The computation calls pandas' window operations directly instead of `ta`'s indicator objects
+    # (which build ~40 Series per update): the values must not move by a single bit.
+    computed = unmasked(indicators).compute(close)
+    reference = ta_output(close, indicators.config)
+    for name in indicators.names:
+        np.testing.assert_array_equal(computed[name], reference[name], err_msg=name)
