@@ -80,6 +80,8 @@ DEFAULT_BOLLINGER = BollingerConfig()
 
 def decay_horizon(alpha: float, bound: float, epsilon: float = EPSILON) -> int:
     """Steps k after which a seed error of at most `bound` has decayed below `epsilon`: (1-alpha)^k * bound."""
+    if alpha >= 1:
+        return 1  # A period of 1 keeps nothing of the seed after one step (and log1p(-1) is undefined).
     return math.ceil(math.log(bound / epsilon) / -math.log1p(-alpha))
 
 

@@ -308,7 +308,15 @@ def with_flat_stretches(close: np.ndarray, seed: int) -> np.ndarray:
     return close
 
 
-@pytest.mark.parametrize("indicators", [DEFAULT, CUSTOM, IndicatorSet(IndicatorConfig(rsi=(2,), ema=(2,), sma=(1, 2)))])
+@pytest.mark.parametrize(
+    "indicators",
+    [
+        DEFAULT,
+        CUSTOM,
+        IndicatorSet(IndicatorConfig(rsi=(2,), ema=(2,), sma=(1, 2))),
+        IndicatorSet(IndicatorConfig(rsi=(1,), ema=(1,), sma=(), macd=(), bollinger=())),
+    ],
+)
 @pytest.mark.parametrize(
     "close",
     [
