@@ -34,7 +34,7 @@ from django.utils import timezone
 
 from apps.marketdata.timeframes import timeframe_ms
 from apps.ratelimits.models import RateLimit, RateLimitTimeout
-from datacollector.config import get_config
+from datacollector.config import CollectionConfig, RetryConfig, get_config
 
 SIMULATED = "simulated"
 
@@ -119,17 +119,16 @@ class RetryPolicy:
     benchmark sets `RETRY_POLICY`.
     """
 
-    initial_seconds: float = 0.5
-    max_seconds: float = 30.0
-    # Longest wait for the shared rate limit in one attempt (then the attempt counts as failed).
-    acquire_timeout_seconds: float = 120.0
-    # Consecutive transient failures, across every worker, that open an exchange's circuit, and for how long.
-    circuit_threshold: int = 8
-    circuit_cooldown_seconds: float = 60.0
-    circuit_successes_to_close: int = 3
+    # The defaults are collector.yaml's (RetryConfig documents each); a policy set by a test overrides some.
+    initial_seconds: float = RetryConfig.initial_seconds
+    max_seconds: float = RetryConfig.max_seconds
+    acquire_timeout_seconds: float = RetryConfig.acquire_timeout_seconds
+    circuit_threshold: int = RetryConfig.circuit_threshold
+    circuit_cooldown_seconds: float = RetryConfig.circuit_cooldown_seconds
+    circuit_successes_to_close: int = RetryConfig.circuit_successes_to_close
     # A request is retried until this long has passed without an answer (so a job fails only when no page
     # arrived for this long).
-    no_progress_seconds: float = 600.0
+    no_progress_seconds: float = CollectionConfig.no_progress_timeout_seconds
     # A cap on the attempts of one request; None: only `no_progress_seconds` ends the retries.
     attempts: int | None = None
 
