@@ -70,7 +70,9 @@ def hammer(tmp_path) -> tuple[float, list[tuple[int, float]]]:
         # bucket holds at most CAPACITY.
         start_at = time.time() + 0.2
         end_at = start_at + SECONDS
-        (tmp_path / "go").write_text(f"{start_at} {end_at}")
+        # Written aside and renamed: a child polling for "go" must never read it half-written.
+        (tmp_path / "go.tmp").write_text(f"{start_at} {end_at}")
+        (tmp_path / "go.tmp").rename(tmp_path / "go")
         outputs = [child.communicate(timeout=60)[0] for child in children]
     finally:
         for child in children:
