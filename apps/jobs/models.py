@@ -6,6 +6,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import connections, models, transaction
 from django.db.models import F, Q, Value
@@ -13,8 +14,9 @@ from django.db.models.functions import Least
 from django.utils import timezone
 
 from apps.connectors.exchanges import is_known_exchange, offline_timeframes
-from apps.connectors.models import Connector
+from apps.connectors.models import Connector, Market
 from apps.marketdata.timeframes import is_valid_timeframe, next_candle_close, timeframe_error
+from datacollector.config import get_config
 
 # ccxt unified symbols: BASE/QUOTE for spot, BASE/QUOTE:SETTLE for derivatives, optionally followed by
 # the expiry/strike/type of futures and options (BTC/USDT:USDT-250328). Codes are opaque to us (1000PEPE,
@@ -263,6 +265,11 @@ class Job(models.Model):
                 validate_symbol(self.symbol)
             except ValidationError as exc:
                 errors["symbol"] = exc.messages[0]
+        if self.pk is None and self.symbol and "symbol" not in errors and self.connector_id is not None:
+            # New jobs only: a job whose market was delisted since stays editable (its status says so).
+            listing = Market.objects.listing_errors(self.connector.exchange_id, [self.symbol])
+            if listing:
+                errors["symbol"] = listing[self.symbol]
         if self.timeframe and self.connector_id is not None:
             try:
                 validate_timeframe(self.timeframe, self.connector.exchange_id)
@@ -563,3 +570,173 @@ class Run(models.Model):
         with transaction.atomic():
             if self._owned_job().update(lease_owner="", lease_expires_at=None):
                 Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING).delete()
+
+
+class TaskLost(Exception):
+    """A task's claim is gone: its lease expired and another worker took it over, or it was cancelled."""
+
+    def __init__(self, task_id: int, worker: str) -> None:
+        super().__init__(
+            f"task {task_id}: the claim of worker {worker!r} is gone (lease expired and the task was "
+            "reclaimed, or the task was cancelled); stop working on it"
+        )
+        self.task_id = task_id
+        self.worker = worker
+
+
+class TaskQuerySet(models.QuerySet):
+    def claimable(self, now: datetime | None = None) -> "TaskQuerySet":
+        """Pending tasks, and running ones whose worker's lease expired (it died or lost the database)."""
+        now = now or timezone.now()
+        return self.filter(
+            Q(status=Task.Status.PENDING) | Q(status=Task.Status.RUNNING, lease_expires_at__lt=now),
+        )
+
+    def enqueue(self, kind: str, params: dict, user=None) -> "Task":
+        """Queue a piece of background work; a `run_scheduler` worker with nothing due picks it up."""
+        return self.create(kind=kind, params=params, created_by=user)
+
+    def claim(
+        self, worker: str, lease_seconds: float, kinds: list[str] | None = None, now: datetime | None = None
+    ) -> "Task | None":
+        """Lease the oldest claimable task (of `kinds`, if given) to `worker`; None when there is none.
+
+        One short transaction, as for jobs: SKIP LOCKED on PostgreSQL, and the UPDATE is guarded by the
+        claimable condition so that without SKIP LOCKED (SQLite) two claims still never share a task.
+        A task whose lease expired `Task.MAX_ATTEMPTS` times (its worker keeps dying on it) is failed
+        instead of being run again.
+        """
+        now = now or timezone.now()
+        self.filter(status=Task.Status.RUNNING, lease_expires_at__lt=now, attempts__gte=Task.MAX_ATTEMPTS).update(
+            status=Task.Status.FAILED,
+            finished_at=now,
+            lease_owner="",
+            lease_expires_at=None,
+            error=f"abandoned: the lease expired on {Task.MAX_ATTEMPTS} attempts (the worker died or hung each time)",
+        )
+        candidates = self.claimable(now)
+        if kinds:
+            candidates = candidates.filter(kind__in=kinds)
+        with transaction.atomic(using=self.db):
+            if connections[self.db].features.has_select_for_update_skip_locked:
+                candidates = candidates.select_for_update(skip_locked=True)
+            task = candidates.order_by("created_at", "pk").first()
+            if task is None:
+                return None
+            expires = now + timedelta(seconds=lease_seconds)
+            changes = {
+                "status": Task.Status.RUNNING,
+                "started_at": now,
+                "attempts": F("attempts") + 1,
+                "lease_owner": worker,
+                "lease_expires_at": expires,
+            }
+            if not self.claimable(now).filter(pk=task.pk).update(**changes):
+                return None
+        task.refresh_from_db()
+        task.lease_seconds = lease_seconds
+        return task
+
+
+class Task(models.Model):
+    """Background work that is not a candle job (an export, an indicator recompute, a purge).
+
+    Claimed by `run_scheduler` workers the way jobs are (SKIP LOCKED, a lease renewed by `report`);
+    the row is the record of the attempt. What each kind does lives in `apps.jobs.tasks.HANDLERS`.
+    """
+
+    # A task is run again after its worker's lease expires, at most this many attempts in all.
+    MAX_ATTEMPTS = 3
+    # `report` writes at most this often, so a handler may call it for every batch it processes.
+    REPORT_EVERY_SECONDS = 1.0
+
+    class Kind(models.TextChoices):
+        EXPORT = "export"
+        INDICATORS = "indicators"
+        PURGE = "purge"
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    params = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    progress = models.FloatField(default=0.0, help_text="Share done, 0 to 1.")
+    message = models.CharField(max_length=200, blank=True)
+    result = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    lease_owner = models.CharField(max_length=200, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+
+    objects = TaskQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["status", "created_at"], name="task_claim_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} task {self.pk} ({self.status})"
+
+    @property
+    def finished(self) -> bool:
+        return self.status in self.FINISHED
+
+    def _owned(self) -> models.QuerySet:
+        return Task.objects.filter(pk=self.pk, status=Task.Status.RUNNING, lease_owner=self.lease_owner)
+
+    def report(self, progress: float, message: str = "", force: bool = False) -> None:
+        """Record progress (0 to 1) and renew the lease; raises TaskLost if the claim is gone.
+
+        Writes at most every REPORT_EVERY_SECONDS unless `force`, so calling it per batch costs nothing.
+        """
+        now = timezone.now()
+        last = getattr(self, "_last_report", None)
+        self.progress, self.message = max(0.0, min(1.0, progress)), message[:200]
+        if not force and last is not None and (now - last).total_seconds() < self.REPORT_EVERY_SECONDS:
+            return
+        lease_seconds = getattr(self, "lease_seconds", None) or get_config().scheduler.lease_seconds
+        self.lease_expires_at = now + timedelta(seconds=lease_seconds)
+        if not self._owned().update(
+            progress=self.progress, message=self.message, lease_expires_at=self.lease_expires_at
+        ):
+            raise TaskLost(self.pk, self.lease_owner)
+        self._last_report = now
+
+    def _finish(self, status: str, *, whoever_holds_it: bool = False, **changes: object) -> bool:
+        now = timezone.now()
+        changes = {"status": status, "finished_at": now, "lease_owner": "", "lease_expires_at": None, **changes}
+        if self.lease_owner and not whoever_holds_it:
+            target = self._owned()
+        else:
+            # Cancelled by a user, or run in the foreground without a claim (e.g. by a management command).
+            target = Task.objects.filter(pk=self.pk).exclude(status__in=self.FINISHED)
+        done = bool(target.update(**changes))
+        if done:
+            for name, value in changes.items():
+                setattr(self, name, value)
+        return done
+
+    def succeed(self, result: dict) -> bool:
+        """Record success with `result`; False if the claim was lost meanwhile (the new owner records)."""
+        return self._finish(Task.Status.SUCCEEDED, result=result, progress=1.0, error="")
+
+    def fail(self, error: str) -> bool:
+        """Record failure with `error`; False if the claim was lost meanwhile."""
+        return self._finish(Task.Status.FAILED, error=error)
+
+    def cancel(self) -> bool:
+        """Cancel a task that has not finished; its worker stops at its next `report` (TaskLost)."""
+        return self._finish(Task.Status.CANCELLED, whoever_holds_it=True)

@@ -29,7 +29,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from apps.connectors.exchanges import PermanentExchangeError
 from apps.jobs.collect import CollectionFailed
-from apps.jobs.models import Job, LeaseLost, Run
+from apps.jobs.models import Job, LeaseLost, Run, Task
 from apps.jobs.outages import (
     DatabaseUnavailable,
     availability,
@@ -40,6 +40,7 @@ from apps.jobs.outages import (
     ride_out,
     wait_for_database,
 )
+from apps.jobs.tasks import run_task
 from datacollector.config import get_config
 
 logger = logging.getLogger("apps.jobs.scheduler")
@@ -149,16 +150,38 @@ class Scheduler:
             return []
 
     def process_one(self) -> bool:
-        """Run one due job; False when nothing is due."""
+        """Run one due job, or when none is due one background task; False when there was neither."""
         run = self.next_run()
         if run is None:
-            return False
+            return self.process_task()
         try:
             if self.stopping.is_set():
                 self.release_unstarted([run])
             else:
                 self.execute(run)
         finally:
+            with self._lock:
+                self._running -= 1
+        return True
+
+    def process_task(self) -> bool:
+        """Claim and run one background task (export, recompute, purge); False when none is pending.
+
+        Only a worker that found no due job gets here, so tasks never delay candle collection.
+        """
+        if self.stopping.is_set():
+            return False
+        task = Task.objects.claim(f"{self.worker_id}/t{next(self._claims)}", self.lease_seconds)
+        if task is None:
+            return False
+        # Counted as running, so this process's job claims leave the busy worker out.
+        with self._lock:
+            self._running += 1
+        BUSY.inc()
+        try:
+            run_task(task)
+        finally:
+            BUSY.dec()
             with self._lock:
                 self._running -= 1
         return True
