@@ -9,6 +9,7 @@ every machine backs off together; nothing here is process state another worker n
 """
 
 import collections
+import contextlib
 import copy
 import dataclasses
 import email.utils
@@ -23,7 +24,7 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
@@ -82,6 +83,8 @@ class ExchangeClient(Protocol):
 
     def markets(self) -> list[str]: ...
 
+    def fetch_markets(self) -> list[dict]: ...
+
     def timeframes(self) -> list[str]: ...
 
     def server_time_ms(self) -> int: ...
@@ -106,6 +109,20 @@ def offline_timeframes(exchange_id: str) -> tuple[str, ...]:
         return SIMULATED_TIMEFRAMES
     exchange_class = getattr(ccxt, exchange_id)
     return tuple((exchange_class().timeframes or {}).keys())
+
+
+@functools.cache
+def exchange_description(exchange_id: str) -> dict[str, Any]:
+    """What ccxt says about an exchange without the network: its name, whether it can fetch OHLCV
+    (True, False or "emulated"), and the delay between requests ccxt's own throttle would keep (ms)."""
+    if exchange_id == SIMULATED:
+        return {"name": "Simulated (offline)", "fetch_ohlcv": True, "ccxt_rate_limit_ms": None}
+    exchange = getattr(ccxt, exchange_id)()
+    return {
+        "name": exchange.name,
+        "fetch_ohlcv": exchange.has.get("fetchOHLCV") or False,
+        "ccxt_rate_limit_ms": exchange.rateLimit,
+    }
 
 
 # --- Retry policy, circuit breaker, error classification -------------------------------------------
@@ -150,9 +167,28 @@ class RetryPolicy:
 # Tests and benchmarks may set a policy here; None: collector.yaml's.
 RETRY_POLICY: RetryPolicy | None = None
 
+# A thread's own bound on its requests' patience (`patience()`), over the policy above.
+_patience = threading.local()
+
 
 def retry_policy() -> RetryPolicy:
-    return RETRY_POLICY or RetryPolicy.from_config()
+    return getattr(_patience, "policy", None) or RETRY_POLICY or RetryPolicy.from_config()
+
+
+@contextlib.contextmanager
+def patience(seconds: float) -> Iterator[None]:
+    """Within the block, this thread's requests give up after `seconds` without an answer, and wait no
+    longer than that for the shared rate limit: for a request someone waits on (a web request)."""
+    base = retry_policy()
+    _patience.policy = dataclasses.replace(
+        base,
+        no_progress_seconds=min(base.no_progress_seconds, seconds),
+        acquire_timeout_seconds=min(base.acquire_timeout_seconds, seconds),
+    )
+    try:
+        yield
+    finally:
+        del _patience.policy
 
 
 @dataclasses.dataclass
@@ -811,6 +847,11 @@ class CcxtClient:
         self._ensure_markets()
         return sorted(symbol for symbol, market in self.exchange.markets.items() if market.get("active") is not False)
 
+    def fetch_markets(self) -> list[dict]:
+        """Every market the exchange lists now (ccxt's unified market dicts), fetched afresh: the markets
+        request's weight comes out of the shared bucket; the loaded markets collection uses are left alone."""
+        return self._request(self.profile.markets_weight, self.exchange.fetch_markets)
+
     def timeframes(self) -> list[str]:
         return list((self.exchange.timeframes or {}).keys())
 
@@ -919,6 +960,21 @@ SIMULATED_MARKETS: dict[str, tuple[int, float]] = {
 }
 
 
+def _simulated_market(symbol: str) -> dict:
+    base, quote = symbol.split("/")
+    return {
+        "id": symbol.replace("/", ""),
+        "symbol": symbol,
+        "base": base,
+        "quote": quote,
+        "type": "spot",
+        "spot": True,
+        "active": True,
+        "precision": {"price": 1e-8, "amount": 1e-8},
+        "limits": {"amount": {"min": 1e-8, "max": None}, "cost": {"min": 1.0, "max": None}},
+    }
+
+
 def _unit(*parts: object) -> float:
     """A deterministic uniform number in [0, 1) from its key (blake2b, so no global random state)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
@@ -965,6 +1021,9 @@ class SimulatedClient:
 
     def markets(self) -> list[str]:
         return sorted(SIMULATED_MARKETS)
+
+    def fetch_markets(self) -> list[dict]:
+        return self._guard.call(1, lambda: [_simulated_market(symbol) for symbol in sorted(SIMULATED_MARKETS)])
 
     def timeframes(self) -> list[str]:
         return list(SIMULATED_TIMEFRAMES)

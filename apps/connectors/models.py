@@ -1,15 +1,22 @@
+import contextlib
+import dataclasses
+import difflib
 from collections import deque
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
-from django.db import models
+from django.db import models, transaction
+from django.utils import timezone
 
 from apps.connectors.exchanges import (
     CCXT_CREDENTIAL_FIELDS,
     CREDENTIAL_ENV_FIELDS,
     credential_env_error,
+    get_client,
     is_known_exchange,
+    patience,
 )
 from datacollector.config import get_config
 
@@ -256,3 +263,192 @@ class Connector(models.Model):
     @property
     def refill_per_second(self) -> float:
         return (self.rate_limit_weight_per_minute or 0) / 60.0
+
+    def refresh_markets(self, patience_seconds: float | None = None) -> "RefreshResult":
+        """Fetch the exchange's markets (one markets request through the shared rate limit) and store them.
+
+        `patience_seconds` bounds the wait (retries and the rate limit) for callers someone waits on;
+        ExchangeError when the exchange did not answer in time or refused.
+        """
+        client = get_client(self)
+        with patience(patience_seconds) if patience_seconds is not None else contextlib.nullcontext():
+            markets = client.fetch_markets()
+        return Market.objects.refresh(self, markets)
+
+
+# How many listed symbols an error about an unknown symbol suggests, and how alike they must be (difflib).
+CLOSEST_SYMBOLS = 5
+CLOSEST_CUTOFF = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class RefreshResult:
+    """What a refresh of an exchange's markets changed."""
+
+    exchange_id: str
+    total: int  # markets the exchange lists now
+    added: int
+    updated: int
+    delisted: int  # stored markets the exchange no longer lists
+    relisted: int  # delisted markets it lists again
+    jobs_stopped: int  # active jobs stopped because their market is gone or inactive
+
+    def as_dict(self) -> dict[str, int | str]:
+        return dataclasses.asdict(self)
+
+
+def _market_fields(market: dict) -> dict[str, Any]:
+    """The stored fields of one ccxt unified market (`fetch_markets()` item)."""
+    return {
+        "market_id": str(market.get("id") or "")[:100],
+        "base": str(market.get("base") or "")[:32],
+        "quote": str(market.get("quote") or "")[:32],
+        "settle": str(market.get("settle") or "")[:32],
+        "type": str(market.get("type") or "")[:16],
+        # ccxt leaves `active` None when the exchange does not say: listed means tradable then.
+        "active": market.get("active") is not False,
+        "precision": market.get("precision") or {},
+        "limits": market.get("limits") or {},
+    }
+
+
+class MarketQuerySet(models.QuerySet):
+    def known(self, exchange_id: str) -> bool:
+        """Whether the exchange's markets were ever refreshed (then a symbol it does not list is refused)."""
+        return self.filter(exchange_id=exchange_id).exists()
+
+    def listing_errors(self, exchange_id: str, symbols: list[str]) -> dict[str, str]:
+        """Symbol -> why a job may not collect it, for the symbols the stored markets refuse.
+
+        The one check of a job's symbol against the exchange's listing: Job.clean() (API, admin), the bulk
+        API and `backfill` call it. Nothing is refused while the exchange's markets are unknown (never
+        refreshed): the exchange itself has the last word at the job's first run.
+        """
+        if not symbols:
+            return {}
+        stored = dict(self.filter(exchange_id=exchange_id).values_list("symbol", "active"))
+        if not stored:
+            return {}
+        listed = sorted(symbol for symbol, active in stored.items() if active)
+        inactive = dict(
+            self.filter(exchange_id=exchange_id, symbol__in=[s for s in symbols if stored.get(s) is False]).values_list(
+                "symbol", "delisted_at"
+            )
+        )
+        errors = {}
+        for symbol in symbols:
+            if stored.get(symbol) is True:
+                continue
+            if symbol in inactive:
+                delisted_at = inactive[symbol]
+                why = (
+                    f"was delisted on {delisted_at:%Y-%m-%d %H:%M} UTC" if delisted_at else "is not trading (inactive)"
+                )
+                errors[symbol] = f"Symbol {symbol!r} {why} on {exchange_id}: its candles are no longer published."
+                continue
+            closest = difflib.get_close_matches(symbol, listed, n=CLOSEST_SYMBOLS, cutoff=CLOSEST_CUTOFF)
+            hint = f" Closest listed: {', '.join(closest)}." if closest else ""
+            errors[symbol] = (
+                f"Symbol {symbol!r} is not listed by {exchange_id} ({len(listed)} active markets stored).{hint} "
+                f"GET {EXCHANGES_URL}/{exchange_id}/pairs lists them; refresh the connector's markets if it is new."
+            )
+        return errors
+
+    def refresh(self, connector: "Connector", markets: list[dict]) -> RefreshResult:
+        """Store what the exchange lists now (`markets`: ccxt's unified market dicts) for `connector`.
+
+        New markets are added; changed ones updated; every listed one gets `last_seen`. Stored markets
+        the exchange no longer lists are kept, marked inactive with `delisted_at`; a delisted market
+        listed again is active again. Active jobs on a market that is gone or inactive stop (status
+        error) with a last error saying so, rather than failing at every run. One transaction.
+        """
+        exchange_id = connector.exchange_id
+        now = timezone.now()
+        incoming: dict[str, dict[str, Any]] = {}
+        for market in markets:
+            symbol = market.get("symbol")
+            if isinstance(symbol, str) and symbol and len(symbol) <= 64:
+                incoming[symbol] = _market_fields(market)
+        with transaction.atomic(using=self.db):
+            stored = {market.symbol: market for market in self.select_for_update().filter(exchange_id=exchange_id)}
+            added, changed, relisted = [], [], 0
+            for symbol, fields in incoming.items():
+                market = stored.get(symbol)
+                if market is None:
+                    added.append(
+                        Market(exchange_id=exchange_id, symbol=symbol, first_seen=now, last_seen=now, **fields)
+                    )
+                    continue
+                if market.delisted_at is not None:
+                    relisted += 1
+                    market.delisted_at = None
+                    changed.append(market)
+                elif any(getattr(market, name) != value for name, value in fields.items()):
+                    changed.append(market)
+                for name, value in fields.items():
+                    setattr(market, name, value)
+            self.bulk_create(added, batch_size=1000)
+            self.bulk_update(changed, [*_MARKET_UPDATE_FIELDS, "delisted_at"], batch_size=1000)
+            self.filter(exchange_id=exchange_id, symbol__in=list(incoming)).update(last_seen=now)
+            gone = [
+                symbol for symbol, market in stored.items() if symbol not in incoming and market.delisted_at is None
+            ]
+            self.filter(exchange_id=exchange_id, symbol__in=gone).update(active=False, delisted_at=now)
+            stopped = self._stop_jobs(
+                connector, gone, [s for s, fields in incoming.items() if not fields["active"]], now
+            )
+        return RefreshResult(
+            exchange_id=exchange_id,
+            total=len(incoming),
+            added=len(added),
+            updated=len(changed) - relisted,
+            delisted=len(gone),
+            relisted=relisted,
+            jobs_stopped=stopped,
+        )
+
+    @staticmethod
+    def _stop_jobs(connector: "Connector", delisted: list[str], inactive: list[str], now: datetime) -> int:
+        # Through the reverse relation: apps.jobs imports this module.
+        when = f"markets refreshed {now:%Y-%m-%d %H:%M} UTC"
+        stopped = 0
+        for symbols, why in (
+            (delisted, f"delisted: {connector.exchange_id} no longer lists this market ({when})"),
+            (inactive, f"market inactive: {connector.exchange_id} lists this market as not trading ({when})"),
+        ):
+            if symbols:
+                stopped += connector.jobs.filter(symbol__in=symbols, status="active").update(
+                    status="error", last_error=f"{why}; resume the job once it trades again.", updated_at=now
+                )
+        return stopped
+
+
+_MARKET_UPDATE_FIELDS = ["market_id", "base", "quote", "settle", "type", "active", "precision", "limits"]
+
+
+class Market(models.Model):
+    """One market (symbol) an exchange lists, as its last markets refresh saw it; delisted ones are kept."""
+
+    exchange_id = models.CharField(max_length=64)
+    symbol = models.CharField(max_length=64, help_text="ccxt unified symbol, e.g. BTC/USDT.")
+    market_id = models.CharField(max_length=100, blank=True, help_text="The exchange's own id, e.g. BTCUSDT.")
+    base = models.CharField(max_length=32)
+    quote = models.CharField(max_length=32)
+    settle = models.CharField(max_length=32, blank=True, help_text="Settlement currency of derivatives.")
+    type = models.CharField(max_length=16, blank=True, help_text="spot, swap, future, option (ccxt's type).")
+    active = models.BooleanField(default=True, help_text="Listed and trading at the last refresh.")
+    precision = models.JSONField(default=dict, blank=True, help_text="ccxt's precision (price, amount).")
+    limits = models.JSONField(default=dict, blank=True, help_text="ccxt's limits (amount, price, cost).")
+    first_seen = models.DateTimeField(default=timezone.now)
+    last_seen = models.DateTimeField(default=timezone.now)
+    delisted_at = models.DateTimeField(null=True, blank=True, help_text="When a refresh no longer found it.")
+
+    objects = MarketQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["exchange_id", "symbol"]
+        constraints = [models.UniqueConstraint(fields=["exchange_id", "symbol"], name="market_unique_symbol")]
+        indexes = [models.Index(fields=["exchange_id", "quote", "base"], name="market_pairs_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.exchange_id} {self.symbol}"

@@ -7,7 +7,7 @@ from rest_framework import serializers
 from rest_framework.reverse import reverse
 from rest_framework.settings import api_settings
 
-from apps.connectors.models import Connector
+from apps.connectors.models import Connector, Market
 from apps.connectors.serializers import full_clean_or_400
 from apps.jobs.models import Job, Run, validate_symbol, validate_timeframe
 from apps.marketdata.timeframes import ms_to_datetime
@@ -182,6 +182,7 @@ class BulkJobSerializer(serializers.Serializer):
     def validate(self, attrs: dict) -> dict:
         connector = _connector_or_400(attrs["exchange_id"])
         errors: dict[str, list[str]] = {}
+        malformed: set[str] = set()
         for field, validate in (
             ("symbols", validate_symbol),
             ("timeframes", lambda value: validate_timeframe(value, connector.exchange_id)),
@@ -195,6 +196,11 @@ class BulkJobSerializer(serializers.Serializer):
                     validate(value)
                 except DjangoValidationError as exc:
                     errors.setdefault(field, []).extend(exc.messages)
+                    malformed.add(value)
+        well_formed = [symbol for symbol in dict.fromkeys(attrs["symbols"]) if symbol not in malformed]
+        listing = Market.objects.listing_errors(connector.exchange_id, well_formed)
+        if listing:
+            errors.setdefault("symbols", []).extend(listing.values())
         if errors:
             raise serializers.ValidationError(errors)
         existing = (

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from apps.connectors import exchanges
 from apps.connectors.exchanges import ExchangeError, PermanentExchangeError, get_client
-from apps.connectors.models import Connector
+from apps.connectors.models import Connector, Market
 from apps.jobs.collect import CollectionFailed, CollectResult, collect_job
 from apps.jobs.models import Job, LeaseLost, backfill_owner, validate_symbol, validate_timeframe
 from apps.jobs.outages import (
@@ -305,6 +305,9 @@ class Command(BaseCommand):
                 validate_symbol(symbol)
             except ValidationError as exc:
                 raise CommandError(f"--symbol: {exc.messages[0]}") from None
+        listing = Market.objects.listing_errors(exchange_id, symbols)
+        if listing:
+            raise CommandError(f"--symbol: {' '.join(listing.values())}")
 
         # The exchange has the last word on symbols and timeframes (one markets request).
         try:
