@@ -1,7 +1,18 @@
+"""The ASGI application: Django for HTTP, the live-updates hub (`apps.monitoring.hub`) for WebSockets at /ws.
+
+Served by uvicorn (`make run`; gunicorn with uvicorn workers in production).
+"""
+
 import os
 
+from channels.routing import ProtocolTypeRouter
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "datacollector.settings")
 
-application = get_asgi_application()
+# Django is set up before the hub's modules import models.
+django_application = get_asgi_application()
+
+from apps.monitoring.hub import websocket_application  # noqa: E402
+
+application = ProtocolTypeRouter({"http": django_application, "websocket": websocket_application()})

@@ -154,6 +154,21 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 MONGODB_URI = env.str("MONGODB_URI", default="")
 MONGODB_DATABASE = env.str("MONGODB_DATABASE", default="datacollector")
 
+# Live updates, the WebSocket hub at /ws (apps/monitoring/hub.py). With REDIS_URL the channel layer is Redis
+# pub/sub, shared by every process on every machine. Without it (`make run`), each web process has an
+# in-memory layer fed from an outbox table the publishers write to (apps/monitoring/live.py): no server needed.
+REDIS_URL = env.str("REDIS_URL", default="")
+LIVE_OUTBOX = not REDIS_URL
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": "datacollector-live"},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
 COLLECTOR_CONFIG = env.path("COLLECTOR_CONFIG", default=BASE_DIR / "config" / "collector.yaml")
 
 # Exchange credentials stay in the environment; a connector names the variables (api_key_env, ...).

@@ -46,6 +46,7 @@ from apps.jobs.outages import (
 )
 from apps.marketdata import store
 from apps.marketdata.timeframes import datetime_to_ms, ms_to_datetime, timeframe_ms
+from apps.monitoring import live
 from datacollector.config import get_config
 
 T = TypeVar("T")
@@ -380,6 +381,7 @@ class Command(BaseCommand):
             result = CollectResult()
             heartbeat = run.heartbeat(lease_seconds)
             passes = stale = 0
+            progress = live.backfill_progress(job, progress)  # also the hub's `jobs` channel, once a second
             while True:
                 cursor = job.cursor
                 try:
@@ -429,6 +431,7 @@ class Command(BaseCommand):
                     break
             self.finish(functools.partial(run.succeed, result, config.schedule_delay_seconds))
             self.ride_out(job.refresh_from_db)
+            live.publish_backfill(job, result.candles_written, done=True)
             return job, result, "stopped" if result.stopped else "done"
         except DatabaseUnavailable as exc:
             # The run stays open and the job leased: neither can change without the database.

@@ -41,6 +41,7 @@ from apps.jobs.outages import (
     wait_for_database,
 )
 from apps.jobs.tasks import run_task
+from apps.monitoring import live
 from datacollector.config import get_config
 
 logger = logging.getLogger("apps.jobs.scheduler")
@@ -263,6 +264,7 @@ class Scheduler:
             # It waited behind its batch longer than the lease and was reclaimed: not ours any more.
             self._log(run, "lease_lost", result, started, "lease lost before start")
             return "lease_lost"
+        live.run_started(run)  # the hub's `jobs` channel, after begin() committed
         BUSY.inc()
         try:
             result = self.collector(job, run, run.heartbeat(self.lease_seconds))
@@ -281,6 +283,9 @@ class Scheduler:
         CANDLES_WRITTEN.inc(getattr(result, "candles_written", 0) or 0)
         RUN_SECONDS.observe(time.monotonic() - started)
         self._log(run, outcome, result, started, error)
+        if outcome != "lease_lost":
+            # After the release committed: the job's state, the run's candles and indicators, gaps, bucket.
+            live.run_finished(run, result)
         return outcome
 
     def _record_failure(self, run: Run, exc: Exception, partial: Any) -> tuple[str, str]:
