@@ -54,6 +54,9 @@ MAX_REQUEST_BODY_BYTES = env.int("MAX_REQUEST_BODY_BYTES", default=1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BODY_BYTES
 # Set: /metrics answers only requests with `Authorization: Bearer <METRICS_TOKEN>`.
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+# Series (exchange, pair, timeframe) a process labels its per-series metrics with; later ones count as
+# pair="other" (apps/monitoring/metrics.py). 0: per exchange only.
+METRICS_SERIES_LIMIT = env.int("METRICS_SERIES_LIMIT", default=1000)
 
 INSTALLED_APPS = [
     "django_prometheus",
@@ -77,9 +80,13 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: every log line of a request, this middleware's access line included, carries its id.
+    "datacollector.access_log.RequestIdMiddleware",
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "datacollector.middleware.RequestBodyLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # Static files in production (DEBUG off), compressed, with far-future caching of the hashed names.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -201,6 +208,10 @@ RESERVED_ENV_NAMES = frozenset(
         "REDIS_URL",
         "CACHE_URL",
         "METRICS_TOKEN",
+        "METRICS_SERIES_LIMIT",
+        "STATIC_ROOT",
+        "WEB_BIND",
+        "WEB_CONCURRENCY",
         "MAX_REQUEST_BODY_BYTES",
         "TRUSTED_PROXIES",
         "THROTTLE_ANON",
@@ -236,7 +247,15 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "var" / "static"
+STATIC_ROOT = Path(env.str("STATIC_ROOT", default="") or BASE_DIR / "var" / "static")
+# WhiteNoise looks there at start-up and warns in every process until collectstatic has filled it.
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+# collectstatic writes hashed, compressed copies and a manifest; WhiteNoise serves them (see the storage's
+# docstring for what happens before collectstatic has run).
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "datacollector.storage.StaticStorage"},
+}
 STATICFILES_DIRS = [BASE_DIR / "static"]
 
 LOGIN_URL = "admin:login"
@@ -281,8 +300,13 @@ SPECTACULAR_SETTINGS = {
     },
 }
 
-LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").upper()
 LOG_FORMAT = env.str("LOG_FORMAT", default="json")  # json or text
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+if LOG_LEVEL not in _LOG_LEVELS:
+    raise ImproperlyConfigured(f"LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, not {LOG_LEVEL!r}")
+if LOG_FORMAT not in ("json", "text"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be json or text, not {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -294,7 +318,9 @@ LOGGING = {
         },
         "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT}},
+    # Adds `request_id` to every record logged while a web request is handled.
+    "filters": {"request_id": {"()": "datacollector.access_log.RequestIdFilter"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["request_id"]}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     # axes announces itself at INFO in every process; its failed logins and lockouts are warnings.
     "loggers": {"django.db.backends": {"level": "WARNING"}, "axes": {"level": "WARNING"}},

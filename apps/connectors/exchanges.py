@@ -34,6 +34,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from apps.marketdata.timeframes import timeframe_ms
+from apps.monitoring.metrics import FETCH_SECONDS, RATE_LIMITED
 from apps.ratelimits.models import RateLimit, RateLimitTimeout
 from datacollector.config import CollectionConfig, RetryConfig, get_config
 
@@ -457,13 +458,15 @@ class _Guard:
             raise error from exc
         self.stats.requests += 1
         try:
-            result = send()
+            with FETCH_SECONDS.labels(self.exchange_id).time():
+                result = send()
         except Exception as exc:
             response_headers = headers()
             self._observe(response_headers)
             retry_after = _retry_after_seconds(response_headers)
             if isinstance(exc, ccxt.DDoSProtection):
                 self.stats.rate_limited += 1
+                RATE_LIMITED.labels(self.exchange_id).inc()
                 # The exchange asked every caller to back off: pause the shared bucket, not just us.
                 RateLimit.objects.block(self.exchange_id, retry_after if retry_after is not None else 60.0)
             what = answer()

@@ -39,6 +39,7 @@ from apps.jobs.models import Job, Run
 from apps.marketdata import store
 from apps.marketdata.indicators import update_indicators
 from apps.marketdata.timeframes import datetime_to_ms, ms_to_datetime, timeframe_ms
+from apps.monitoring.metrics import CANDLES, series_labels
 from datacollector.config import get_config
 
 logger = logging.getLogger(__name__)
@@ -340,6 +341,7 @@ class _Collection:
         count = written.inserted + written.updated
         self.result.candles_written += count
         if count:
+            CANDLES.labels(*series_labels(*self.series)).inc(count)
             first, last = rows[0][0], rows[-1][0]
             self.result.first_ts = first if self.result.first_ts is None else min(self.result.first_ts, first)
             self.result.last_ts = last if self.result.last_ts is None else max(self.result.last_ts, last)

@@ -11,6 +11,7 @@ from django.db import transaction
 from apps.marketdata import store
 from apps.marketdata.models import Gap
 from apps.marketdata.timeframes import slot_after, slot_before, slot_count
+from apps.monitoring.metrics import GAPS_DETECTED, series_labels
 
 
 def _subtract(timeframe: str, ranges: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -77,11 +78,13 @@ def sync_gaps(
             first: last for first, last in _subtract(timeframe, missing, [(g.start_ts, g.end_ts) for g in confirmed])
         }
         open_gaps = {g.start_ts: g for g in current if g.status == Gap.Status.OPEN}
+        detected = 0
         Gap.objects.filter(pk__in=[g.pk for start, g in open_gaps.items() if start not in wanted]).delete()
         for first, last in wanted.items():
             count = slot_count(timeframe, first, last)
             gap = open_gaps.get(first)
             if gap is None:
+                detected += 1
                 Gap.objects.create(
                     exchange_id=exchange_id,
                     symbol=symbol,
@@ -93,6 +96,8 @@ def sync_gaps(
             elif (gap.end_ts, gap.missing) != (last, count):
                 gap.end_ts, gap.missing = last, count
                 gap.save(update_fields=["end_ts", "missing", "updated_at"])
+    if detected:
+        GAPS_DETECTED.labels(*series_labels(exchange_id, symbol, timeframe)).inc(detected)
     return list(Gap.objects.for_series(exchange_id, symbol, timeframe).overlapping(start_ts, end_ts))
 
 

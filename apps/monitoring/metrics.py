@@ -1,22 +1,86 @@
-"""Fleet-wide metrics read from the shared database at scrape time, exported on the web's /metrics.
+"""The metrics of ARCHITECTURE's section 8.1 (`data_collector_*`) and the project's own (`dc_*`).
 
-Scheduler processes count what they do themselves (`run_scheduler --metrics-port`); what every
-process shares (job states, the token buckets, circuits, gaps) lives in the database, so any web
-instance can report it for the whole fleet. Labels stay low-cardinality: per exchange, never per job.
+Two kinds. Fleet-wide state read from the shared database at scrape time (`FleetCollector`: job states,
+due jobs, the token buckets, circuits, gaps, connectors) is exported by the web's /metrics only: every
+process shares it, so one web instance reports it for the whole fleet. What a process does (candles
+stored, requests and their duration, waits for the shared budget, gaps found, 429s) is counted where it
+happens, in the process doing it, and a scheduler serves its own counts (`run_scheduler --metrics-port`).
+
+Labels stay bounded: per exchange (the exchanges ccxt knows), and per series (exchange, pair,
+timeframe) only for the first METRICS_SERIES_LIMIT series a process sees; later ones are counted under
+pair="other", timeframe="other" (see `series_labels`).
 """
 
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 
+from django.conf import settings
 from django.db import DatabaseError
 from django.db.models import Count, Min, Q, Sum
 from django.utils import timezone
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 # An active job whose next run is this late means the schedulers are not keeping up (or none runs).
 OVERDUE_AFTER = timedelta(minutes=5)
+
+SERIES = ["exchange", "pair", "timeframe"]
+CANDLES = Counter(
+    "data_collector_candles_total", "Candles stored by this process (new or revised), per series.", SERIES
+)
+GAPS_DETECTED = Counter(
+    "data_collector_gaps_detected_total", "Missing candle ranges this process found, per series.", SERIES
+)
+FETCH_SECONDS = Histogram(
+    "data_collector_fetch_duration_seconds",
+    "Duration of one request to an exchange (answered or failed), this process.",
+    ["exchange"],
+    buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+RATE_LIMIT_WAITS = Counter(
+    "data_collector_rate_limit_waits_total",
+    "Times a request of this process was told to wait by the shared rate limit (one per sleep).",
+    ["exchange"],
+)
+RATE_LIMITED = Counter(
+    "data_collector_rate_limited_responses_total",
+    "429/418 answers (rate limited or banned) an exchange gave this process.",
+    ["exchange"],
+)
+
+# Label value of the series counted past METRICS_SERIES_LIMIT.
+OTHER = "other"
+
+
+class SeriesLabels:
+    """The (exchange, pair, timeframe) label values of a series, for at most `limit` distinct series.
+
+    Each series is a time series per metric in Prometheus. With 10,000 collected series, per-series
+    labels would make 10,000 series per metric in each process that touched them all; past the limit a
+    process counts new series under (exchange, "other", "other") instead, so its metrics hold at most
+    `limit` + one per exchange series each, and the totals per exchange stay exact.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self._seen: set[tuple[str, str, str]] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, exchange: str, pair: str, timeframe: str) -> tuple[str, str, str]:
+        key = (exchange, pair, timeframe)
+        limit = settings.METRICS_SERIES_LIMIT if self.limit is None else self.limit
+        with self._lock:
+            if key in self._seen:
+                return key
+            if len(self._seen) < limit:
+                self._seen.add(key)
+                return key
+        return (exchange, OTHER, OTHER)
+
+
+series_labels = SeriesLabels()
 
 
 class FleetCollector(Collector):
@@ -37,6 +101,7 @@ class FleetCollector(Collector):
         yield from metrics
 
     def _collect(self) -> Iterator[Metric]:
+        from apps.connectors.models import Connector
         from apps.jobs.models import Job, Run
         from apps.marketdata.models import Gap
         from apps.ratelimits.models import RateLimit
@@ -72,6 +137,14 @@ class FleetCollector(Collector):
                 failing.add_metric([exchange], row["failing"])
         yield from (jobs, overdue, failing)
 
+        queue = GaugeMetricFamily(
+            "data_collector_job_queue_size", "Jobs due now that no scheduler has claimed yet (all exchanges)."
+        )
+        queue.add_metric([], Job.objects.due(now).count())
+        connectors = GaugeMetricFamily("data_collector_active_connectors", "Enabled connectors.")
+        connectors.add_metric([], Connector.objects.filter(enabled=True).count())
+        yield from (queue, connectors)
+
         running = GaugeMetricFamily(
             "dc_runs_running", "Runs in progress, and the age of the oldest one.", labels=["exchange"]
         )
@@ -87,7 +160,20 @@ class FleetCollector(Collector):
             exchange = row["job__connector__exchange_id"]
             running.add_metric([exchange], row["n"])
             oldest.add_metric([exchange], (now - row["first"]).total_seconds())
-        yield from (running, oldest)
+        stalled = GaugeMetricFamily(
+            "dc_runs_stalled",
+            "Runs still running whose job's lease expired: their worker stopped renewing it (died or hung).",
+            labels=["exchange"],
+        )
+        for row in (
+            Run.objects.filter(status=Run.Status.RUNNING)
+            .filter(Q(job__lease_expires_at__isnull=True) | Q(job__lease_expires_at__lt=now))
+            .values("job__connector__exchange_id")
+            .annotate(n=Count("id"))
+            .order_by()
+        ):
+            stalled.add_metric([row["job__connector__exchange_id"]], row["n"])
+        yield from (running, oldest, stalled)
 
         labels = ["exchange"]
         granted = CounterMetricFamily("dc_bucket_granted", "Token requests granted, all processes.", labels=labels)
@@ -123,12 +209,21 @@ class FleetCollector(Collector):
         yield from (gaps, missing)
 
 
-_registered = False
+_fleet: FleetCollector | None = None
 
 
 def register() -> None:
     """Add the fleet collector to the default registry once per process (ready() may run twice)."""
-    global _registered
-    if not _registered:
-        REGISTRY.register(FleetCollector())
-        _registered = True
+    global _fleet
+    if _fleet is None:
+        _fleet = FleetCollector()
+        REGISTRY.register(_fleet)
+
+
+def unregister() -> None:
+    """Leave fleet-wide state to the web: a scheduler serving its metrics exports only its own counts
+    (otherwise every scheduler would repeat the fleet's numbers and query the database per scrape)."""
+    global _fleet
+    if _fleet is not None:
+        REGISTRY.unregister(_fleet)
+        _fleet = None

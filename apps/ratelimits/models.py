@@ -25,6 +25,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 from prometheus_client import Counter
 
+from apps.monitoring.metrics import RATE_LIMIT_WAITS
 from datacollector.config import get_config
 
 # Process-local metrics (the totals across processes live on the row: granted, denied, ...).
@@ -427,6 +428,7 @@ class RateLimitQuerySet(models.QuerySet):
                     return waited
                 if waited + wait > timeout:
                     raise RateLimitTimeout(exchange_id, weight, timeout, wait)
+                RATE_LIMIT_WAITS.labels(exchange_id).inc()
                 time.sleep(wait)
                 waited += wait
         finally:

@@ -42,7 +42,9 @@ from apps.jobs.outages import (
 )
 from apps.jobs.tasks import run_task
 from apps.monitoring import live
+from apps.monitoring import metrics as fleet_metrics
 from datacollector.config import get_config
+from datacollector.migrations_state import missing_table_message
 
 logger = logging.getLogger("apps.jobs.scheduler")
 
@@ -415,7 +417,12 @@ class Command(BaseCommand):
             "--metrics-port",
             type=int,
             default=None,
-            help="Serve Prometheus metrics of this process on 127.0.0.1:PORT (default: off).",
+            help="Serve Prometheus metrics of this process on PORT (default: off).",
+        )
+        parser.add_argument(
+            "--metrics-address",
+            default="127.0.0.1",
+            help="Address the metrics port binds to (default 127.0.0.1; 0.0.0.0 for a scraper on another host).",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -429,9 +436,19 @@ class Command(BaseCommand):
             collector = import_string(options["collector"])
         except ImportError as exc:
             raise CommandError(f"--collector {options['collector']!r} cannot be imported: {exc}") from exc
+        try:
+            Job.objects.exists()
+        except Exception as exc:
+            # Started before `migrate`: one line. Any other database error is an outage the workers ride out.
+            message = missing_table_message(exc)
+            if message is not None:
+                raise CommandError(message) from None
         if options["metrics_port"] is not None:
-            server, _thread = start_http_server(options["metrics_port"], addr="127.0.0.1")
-            logger.info("metrics on 127.0.0.1:%s", server.server_port, extra={"port": server.server_port})
+            # The web exports the fleet-wide state; this process serves only its own counts.
+            fleet_metrics.unregister()
+            address = options["metrics_address"]
+            server, _thread = start_http_server(options["metrics_port"], addr=address)
+            logger.info("metrics on %s:%s", address, server.server_port, extra={"port": server.server_port})
         # Every worker opens its own connection; the main thread only supervises.
         connection.close()
 
