@@ -1,5 +1,7 @@
-"""The admin's chart of a stored series: candles, volume, indicator overlays and RSI as server-side SVG."""
+"""The admin's chart of a stored series: the data lightweight-charts draws (candles, volume, indicators), the
+warm-up notes, and the library served from the project's own static files."""
 
+import json
 import math
 import re
 
@@ -15,7 +17,7 @@ SERIES = {"exchange_id": "binance", "symbol": "BTC/USDT", "timeframe": "1h"}
 URL = reverse("admin:marketdata_series_chart")
 
 
-def store_hours(count: int, missing: range = range(0)) -> None:
+def store_hours(count: int, missing: range = range(0)) -> list[list[float]]:
     rows = []
     for i in range(count):
         if i in missing:
@@ -23,25 +25,50 @@ def store_hours(count: int, missing: range = range(0)) -> None:
         close = 100 + 10 * math.sin(i / 20)
         rows.append([T0 + i * HOUR, close - 0.5, close + 1, close - 1, close, 10.0 + i % 7])
     store.upsert_candles(SERIES["exchange_id"], SERIES["symbol"], SERIES["timeframe"], rows)
+    return rows
+
+
+def chart_data(content: str) -> dict:
+    return json.loads(re.search(r'<script id="chart-data" type="application/json">(.*?)</script>', content, re.S)[1])
 
 
 def candles_drawn(content: str) -> int:
-    return len(re.findall(r'<g class="(?:up|down)"><title>', content))
+    return len(chart_data(content)["candles"])
 
 
 def test_draws_the_newest_candles_with_volume_overlays_and_rsi(admin_client, sql_store) -> None:
-    store_hours(600, missing=range(590, 594))
+    rows = store_hours(600, missing=range(590, 594))
     update_indicators(SERIES["exchange_id"], SERIES["symbol"], SERIES["timeframe"], T0)
 
     response = admin_client.get(URL, {**SERIES, "candles": 100})
 
     assert response.status_code == 200
     content = response.content.decode()
-    assert candles_drawn(content) == 96  # 100 slots, 4 of them a hole in the data
-    assert "sma_20" in content
-    assert "bb_upper" in content
-    assert "rsi_14 (lower panel)" in content
-    assert "<svg" in content
+    data = chart_data(content)
+    assert len(data["candles"]) == 96  # 100 slots, 4 of them a hole in the data
+    assert data["candles"][-1] == {
+        "time": (T0 + 599 * HOUR) // 1000,
+        **dict(zip(("open", "high", "low", "close", "volume"), rows[-1][1:], strict=True)),
+    }
+    assert {"sma_20", "bb_upper", "ema_12"} <= set(data["overlays"])
+    assert "rsi_14" in data["panes"]
+    assert 'data-indicator="sma_20" checked' in content  # overlays can be switched on and off
+    assert "vendor/lightweight-charts/lightweight-charts.standalone.production.js" in content
+    assert "marketdata/chart.js" in content
+
+
+def test_says_why_an_indicator_is_blank_during_its_warm_up(admin_client, sql_store) -> None:
+    store_hours(30)
+    update_indicators(SERIES["exchange_id"], SERIES["symbol"], SERIES["timeframe"], T0)
+
+    data = chart_data(admin_client.get(URL, SERIES).content.decode())
+
+    # SMA 20 starts at the 20th candle; the points before it are blank (time only), and the page says why.
+    sma = data["indicators"]["sma_20"]
+    assert [point.get("value") is None for point in sma] == [True] * 19 + [False] * 11
+    assert data["warmup"]["sma_20"] == "blank until candle 20 of the series: it needs a full window of closes"
+    assert data["warmup"]["ema_12"].startswith("blank until candle 164 of the series")
+    assert "Why an indicator is blank (warm-up)" in admin_client.get(URL, SERIES).content.decode()
 
 
 def test_defaults_to_300_slots_and_reports_an_empty_series(admin_client, sql_store) -> None:
