@@ -19,8 +19,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 install: $(STAMP)
 
-# Web (127.0.0.1:8000) and one scheduler, on the embedded defaults: SQLite under var/, the embedded
-# candle store, and the offline `simulated` exchange. Ctrl-C stops both.
+# Web (127.0.0.1:8000: uvicorn serving the ASGI app, pages, API and the live hub /ws) and one scheduler,
+# on the embedded defaults: SQLite under var/, the embedded candle store, live updates through the
+# database, and the offline `simulated` exchange. Ctrl-C stops both.
 run: install
 	@export DEBUG=$${DEBUG:-1}; \
 	$(PY) manage.py migrate --noinput && \
@@ -29,7 +30,7 @@ run: install
 	$(PY) manage.py collectstatic --noinput --verbosity 0 && \
 	trap 'kill 0' INT TERM EXIT; \
 	$(PY) manage.py run_scheduler & \
-	$(PY) manage.py runserver --noreload $(HOST):$(PORT)
+	$(PY) -m uvicorn datacollector.asgi:application --host $(HOST) --port $(PORT) --ws websockets
 
 # Ruff, then the whole pytest suite against PostgreSQL (DATABASE_URL, default the local server).
 test: install

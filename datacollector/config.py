@@ -59,6 +59,9 @@ class SchedulerConfig:
     schedule_delay_seconds: float = 2.0
     backoff_base_seconds: float = 5.0
     backoff_max_seconds: float = 900.0
+    # The fleet registry: each process writes a heartbeat this often; one silent for longer is lost.
+    heartbeat_seconds: float = 10.0
+    lost_after_seconds: float = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +115,8 @@ _POSITIVE = {
     "no_progress_timeout_seconds",
     "circuit_threshold",
     "circuit_successes_to_close",
+    "heartbeat_seconds",
+    "lost_after_seconds",
 }
 
 
@@ -209,10 +214,30 @@ def load_config(path: str | Path) -> CollectorConfig:
             f"{path}: retry.initial_seconds ({config.retry.initial_seconds:g}) must not exceed "
             f"retry.max_seconds ({config.retry.max_seconds:g})"
         )
-    for macd in config.indicators.macd:
-        if macd.fast >= macd.slow:
-            raise ConfigError(f"{path}: indicators.macd: fast ({macd.fast}) must be less than slow ({macd.slow})")
+    if config.scheduler.lost_after_seconds <= config.scheduler.heartbeat_seconds:
+        raise ConfigError(
+            f"{path}: scheduler.lost_after_seconds ({config.scheduler.lost_after_seconds:g}) must exceed "
+            f"scheduler.heartbeat_seconds ({config.scheduler.heartbeat_seconds:g})"
+        )
+    try:
+        _check_indicators(config.indicators)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     return config
+
+
+def _check_indicators(indicators: IndicatorConfig) -> None:
+    for macd in indicators.macd:
+        if macd.fast >= macd.slow:
+            raise ConfigError(f"indicators.macd: fast ({macd.fast}) must be less than slow ({macd.slow})")
+
+
+def parse_indicators(data: object) -> IndicatorConfig:
+    """The `indicators` section from its YAML (or JSON) form, checked as the file's is; ConfigError naming
+    the key otherwise. For the indicator set stored in the database (the API's PUT)."""
+    indicators = _convert(data, IndicatorConfig, "indicators")
+    _check_indicators(indicators)
+    return indicators
 
 
 @functools.cache

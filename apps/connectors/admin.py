@@ -8,8 +8,9 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
-from apps.connectors.models import Connector
-from apps.jobs.models import Job
+from apps.connectors.exchanges import ExchangeError
+from apps.connectors.models import REFRESH_PATIENCE_SECONDS, Connector
+from apps.jobs.models import Job, Task
 
 # Rows shown inline on a connector's page; the job list (linked) has them all.
 INLINE_JOBS = 50
@@ -68,7 +69,7 @@ class ConnectorAdmin(admin.ModelAdmin):
     ]
     list_filter = ["enabled"]
     search_fields = ["exchange_id", "name"]
-    actions = ["start_connectors", "stop_connectors"]
+    actions = ["start_connectors", "stop_connectors", "refresh_markets"]
     inlines = [JobInline]
     fieldsets = [
         (None, {"fields": ["exchange_id", "name", "enabled", "jobs_link"]}),
@@ -85,6 +86,12 @@ class ConnectorAdmin(admin.ModelAdmin):
     ]
 
     def get_form(self, request: HttpRequest, obj: Connector | None = None, change: bool = False, **kwargs) -> type:
+    def save_model(self, request: HttpRequest, obj: Connector, form: forms.ModelForm, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if not change:
+            # Fetched by a scheduler worker: the exchange may be slow or far, the admin page does not wait.
+            Task.objects.enqueue(Task.Kind.MARKETS, {"connector": obj.pk}, request.user)
+
         form = super().get_form(request, obj, change=change, **kwargs)
         # modelform_factory builds a new class on every call, so this attribute is this request's alone.
         form.user = request.user
@@ -125,3 +132,18 @@ class ConnectorAdmin(admin.ModelAdmin):
     def stop_connectors(self, request: HttpRequest, queryset: QuerySet) -> None:
         jobs = sum(connector.stop() for connector in queryset)
         self.message_user(request, f"Stopped {len(queryset)} connector(s); {jobs} job(s) paused.", messages.SUCCESS)
+
+    @admin.action(description="Refresh markets from the exchange (now, one request each)")
+    def refresh_markets(self, request: HttpRequest, queryset: QuerySet) -> None:
+        for connector in queryset:
+            try:
+                result = connector.refresh_markets(patience_seconds=REFRESH_PATIENCE_SECONDS)
+            except ExchangeError as exc:
+                self.message_user(request, f"{connector.exchange_id}: markets not refreshed: {exc}", messages.ERROR)
+                continue
+            self.message_user(
+                request,
+                f"{connector.exchange_id}: {result.total} markets; {result.added} added, {result.updated} updated, "
+                f"{result.delisted} delisted, {result.relisted} listed again; {result.jobs_stopped} job(s) stopped.",
+                messages.SUCCESS,
+            )

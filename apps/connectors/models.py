@@ -283,6 +283,10 @@ CLOSEST_CUTOFF = 0.5
 
 @dataclasses.dataclass(frozen=True)
 class RefreshResult:
+# A refresh someone waits for (the API, an admin action) answers within about this long, plus one request's
+# own timeout, or fails.
+REFRESH_PATIENCE_SECONDS = 20.0
+
     """What a refresh of an exchange's markets changed."""
 
     exchange_id: str
@@ -452,3 +456,11 @@ class Market(models.Model):
 
     def __str__(self) -> str:
         return f"{self.exchange_id} {self.symbol}"
+
+
+def run_markets_task(task: Any) -> dict[str, int | str]:
+    """The `markets` background task (apps.jobs.tasks): refresh the markets of connector `params.connector`,
+    queued when the connector is created so the web request does not wait for the exchange."""
+    connector = Connector.objects.get(pk=task.params["connector"])
+    task.report(0.0, f"fetching the markets of {connector.exchange_id}", force=True)
+    return connector.refresh_markets().as_dict()

@@ -5,7 +5,7 @@ from rest_framework import serializers
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.settings import api_settings
 
-from apps.connectors.models import Connector
+from apps.connectors.models import Connector, Market
 
 
 def full_clean_or_400(instance: models.Model, rename: dict[str, str] | None = None) -> None:
@@ -88,3 +88,33 @@ class ConnectorSerializer(serializers.HyperlinkedModelSerializer):
             raise serializers.ValidationError(
                 {"exchange_id": [f"A connector for exchange {validated_data['exchange_id']!r} already exists."]}
             ) from None
+
+
+class RefreshResultSerializer(serializers.Serializer):
+    exchange_id = serializers.CharField()
+    total = serializers.IntegerField(help_text="Markets the exchange lists now.")
+    added = serializers.IntegerField()
+    updated = serializers.IntegerField()
+    delisted = serializers.IntegerField(help_text="Stored markets the exchange no longer lists (kept, inactive).")
+    relisted = serializers.IntegerField(help_text="Delisted markets listed again.")
+    jobs_stopped = serializers.IntegerField(help_text="Active jobs stopped because their market is gone or inactive.")
+
+
+class MarketSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Market
+        fields = [
+            "symbol",
+            "market_id",
+            "base",
+            "quote",
+            "settle",
+            "type",
+            "active",
+            "precision",
+            "limits",
+            "first_seen",
+            "last_seen",
+            "delisted_at",
+        ]
+        read_only_fields = fields

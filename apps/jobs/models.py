@@ -654,6 +654,7 @@ class Task(models.Model):
         EXPORT = "export"
         INDICATORS = "indicators"
         PURGE = "purge"
+        MARKETS = "markets"
 
     class Status(models.TextChoices):
         PENDING = "pending"

@@ -22,6 +22,7 @@ HANDLERS: dict[str, str] = {
     Task.Kind.EXPORT: "apps.marketdata.exports.run_export_task",
     Task.Kind.INDICATORS: "apps.marketdata.indicators.run_compute_task",
     Task.Kind.PURGE: "apps.marketdata.retention.run_purge_task",
+    Task.Kind.MARKETS: "apps.connectors.models.run_markets_task",
 }
 
 

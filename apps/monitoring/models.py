@@ -1,7 +1,12 @@
-from datetime import timedelta
+import os
+import socket
+from datetime import datetime, timedelta
 
 from django.db import models
 from django.utils import timezone
+
+from datacollector.config import get_config
+from datacollector.version import version
 
 
 class LiveEventQuerySet(models.QuerySet):
@@ -31,3 +36,82 @@ class LiveEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.group} #{self.pk}"
+
+
+class SchedulerProcessQuerySet(models.QuerySet):
+    def register(self, worker_id: str, workers: int) -> "SchedulerProcess":
+        """Add the calling process to the fleet; rows of processes gone for a week are dropped meanwhile."""
+        now = timezone.now()
+        self.filter(last_heartbeat__lt=now - FORGET_AFTER).delete()
+        return self.create(
+            worker_id=worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            workers=workers,
+            version=version(),
+            started_at=now,
+            last_heartbeat=now,
+        )
+
+    def running(self) -> "SchedulerProcessQuerySet":
+        """Processes that have not deregistered: alive, or lost (killed, hung, cut off from the database)."""
+        return self.filter(stopped_at__isnull=True)
+
+    def alive(self, now: datetime | None = None) -> "SchedulerProcessQuerySet":
+        return self.running().filter(last_heartbeat__gte=_lost_before(now))
+
+    def lost(self, now: datetime | None = None) -> "SchedulerProcessQuerySet":
+        return self.running().filter(last_heartbeat__lt=_lost_before(now))
+
+
+# Rows of processes silent (stopped or lost) for this long are deleted when another process registers.
+FORGET_AFTER = timedelta(days=7)
+
+
+def _lost_before(now: datetime | None) -> datetime:
+    return (now or timezone.now()) - timedelta(seconds=get_config().scheduler.lost_after_seconds)
+
+
+class SchedulerProcess(models.Model):
+    """One `run_scheduler` process: registered at start, a heartbeat every `scheduler.heartbeat_seconds`,
+    deregistered at exit. One that stops beating without deregistering (SIGKILL, a hung host, a lost
+    network) is shown as lost after `scheduler.lost_after_seconds`."""
+
+    class State(models.TextChoices):
+        ALIVE = "alive"
+        LOST = "lost"
+        STOPPED = "stopped"
+
+    worker_id = models.CharField(max_length=200, help_text="The name its leases and runs carry (host:pid).")
+    host = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    workers = models.PositiveIntegerField(help_text="Worker threads.")
+    version = models.CharField(max_length=50)
+    started_at = models.DateTimeField(default=timezone.now)
+    last_heartbeat = models.DateTimeField(default=timezone.now)
+    stopped_at = models.DateTimeField(null=True, blank=True, help_text="When it deregistered (a clean exit).")
+
+    objects = SchedulerProcessQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-started_at"]
+        verbose_name_plural = "scheduler processes"
+        indexes = [models.Index(fields=["stopped_at", "last_heartbeat"], name="schedulerprocess_state_idx")]
+
+    def __str__(self) -> str:
+        return self.worker_id
+
+    @property
+    def state(self) -> str:
+        if self.stopped_at is not None:
+            return self.State.STOPPED
+        return self.State.ALIVE if self.last_heartbeat >= _lost_before(None) else self.State.LOST
+
+    def beat(self) -> None:
+        """Record a heartbeat (one UPDATE). A process marked stopped stays stopped."""
+        self.last_heartbeat = timezone.now()
+        SchedulerProcess.objects.filter(pk=self.pk, stopped_at__isnull=True).update(last_heartbeat=self.last_heartbeat)
+
+    def deregister(self) -> None:
+        self.stopped_at = timezone.now()
+        SchedulerProcess.objects.filter(pk=self.pk).update(stopped_at=self.stopped_at, last_heartbeat=self.stopped_at)

@@ -476,6 +476,7 @@ class RateLimitQuerySet(models.QuerySet):
     def block(self, exchange_id: str, seconds: float) -> None:
         """The exchange answered 429/418 with Retry-After: every worker pauses for `seconds`."""
         self.ensure(exchange_id)
+        Rejection.objects.record(exchange_id, seconds)
         if self._postgres():
             self._fetch(_BLOCK_SQL, {"exchange_id": exchange_id, "seconds": float(seconds)})
             return
@@ -638,6 +639,39 @@ class RateLimit(models.Model):
         """The exchange announces less than the connector asks for: the bucket is smaller than configured."""
         configured = self.configured_capacity if self.configured_capacity is not None else self.capacity
         return self.effective_weight_per_minute < self.configured_weight_per_minute or self.capacity < configured
+
+
+class RejectionQuerySet(models.QuerySet):
+    def record(self, exchange_id: str, retry_after: float) -> None:
+        """Count one 429/418 answer; rows older than REJECTIONS_KEPT go at the same time (they are rare)."""
+        now = timezone.now()
+        self.create(exchange_id=exchange_id, at=now, retry_after=retry_after)
+        self.filter(exchange_id=exchange_id, at__lt=now - REJECTIONS_KEPT).delete()
+
+    def since(self, moment: datetime) -> "RejectionQuerySet":
+        return self.filter(at__gte=moment)
+
+
+# Rejections are counted over the last hour and day (the status and stats APIs); older rows are deleted.
+REJECTIONS_KEPT = timedelta(days=2)
+
+
+class Rejection(models.Model):
+    """One rate-limit answer (HTTP 429 or 418) from an exchange: the shared limiter should make them rare,
+    so each is a row, and "how many in the last hour" is a count."""
+
+    exchange_id = models.CharField(max_length=64)
+    at = models.DateTimeField(default=timezone.now)
+    retry_after = models.FloatField(help_text="Seconds every worker paused for (the answer's Retry-After).")
+
+    objects = RejectionQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-at"]
+        indexes = [models.Index(fields=["exchange_id", "at"], name="rejection_exchange_at_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.exchange_id} rate limited at {self.at:%Y-%m-%d %H:%M:%S}"
 
 
 @receiver(post_save, sender="connectors.Connector", dispatch_uid="ratelimits.sync_connector")

@@ -102,6 +102,8 @@ class FakeBinance:
         `holes` maps (symbol, interval) to inclusive (first, last) open-time ranges the exchange lacks;
         `window_seconds` is the fixed window weight is counted in (Binance: a clock minute; tests shorten it)."""
         self.listings = {market_id(s): (s, listing) for s, listing in symbols.items()}
+        # exchangeInfo's status per market id (BTCUSDT); unlisted: TRADING. Binance says BREAK for a halt.
+        self.statuses: dict[str, str] = {}
         self.fixed_now_ms = now_ms
         self.weight_limit = weight_limit
         self.window_seconds = window_seconds
@@ -274,7 +276,7 @@ class FakeBinance:
             symbols.append(
                 {
                     "symbol": market,
-                    "status": "TRADING",
+                    "status": self.statuses.get(market, "TRADING"),
                     "baseAsset": base,
                     "baseAssetPrecision": 8,
                     "quoteAsset": quote,

@@ -44,6 +44,7 @@ from apps.jobs.tasks import run_task
 from apps.monitoring import live
 from apps.monitoring import metrics as fleet_metrics
 from datacollector.config import get_config
+from apps.monitoring.fleet import Membership
 from datacollector.migrations_state import missing_table_message
 
 logger = logging.getLogger("apps.jobs.scheduler")
@@ -479,12 +480,15 @@ class Command(BaseCommand):
         for thread in threads:
             while thread.is_alive():
                 thread.join(0.2)
+        # The fleet registry (GET /api/v1/system/status): registered now, deregistered after the workers end.
+        membership = Membership(options["worker_id"], options["workers"]).start()
 
     def _install_signal_handlers(self) -> None:
         def handle_signal(signum: int, frame: Any) -> None:
             if self.stopping.is_set():
                 logger.warning("second %s: exiting now", signal.Signals(signum).name)
                 os._exit(128 + signum)
+        membership.stop()
             logger.info(
                 "%s: finishing running jobs, releasing the others",
                 signal.Signals(signum).name,
