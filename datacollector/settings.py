@@ -178,6 +178,12 @@ else:
 
 COLLECTOR_CONFIG = env.path("COLLECTOR_CONFIG", default=BASE_DIR / "config" / "collector.yaml")
 
+# Exports (apps/marketdata/exports.py): files under EXPORT_DIR, deleted EXPORT_TTL_HOURS after they were
+# written; an export whose range may hold more than EXPORT_MAX_ROWS candles is refused (400).
+EXPORT_DIR = Path(env.str("EXPORT_DIR", default="") or BASE_DIR / "var" / "exports")
+EXPORT_TTL_HOURS = env.float("EXPORT_TTL_HOURS", default=24.0)
+EXPORT_MAX_ROWS = env.int("EXPORT_MAX_ROWS", default=50_000_000)
+
 # Exchange credentials stay in the environment; a connector names the variables (api_key_env, ...).
 # A name must match this regex whole (default: upper-case names ending in _KEY, _SECRET, _PASSWORD or
 # _PASSPHRASE, e.g. BINANCE_API_KEY) and must not be reserved below.
@@ -201,6 +207,9 @@ RESERVED_ENV_NAMES = frozenset(
         "MONGODB_URI",
         "MONGODB_DATABASE",
         "COLLECTOR_CONFIG",
+        "EXPORT_DIR",
+        "EXPORT_TTL_HOURS",
+        "EXPORT_MAX_ROWS",
         "CREDENTIAL_ENV_PATTERN",
         "CREDENTIAL_HOSTS_ALLOWED",
         "LOG_LEVEL",

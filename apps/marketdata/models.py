@@ -1,6 +1,7 @@
 import functools
 import struct
 
+from django.conf import settings
 from django.db import models
 from django.db.models import F
 from django.utils import timezone
@@ -142,3 +143,60 @@ class Gap(models.Model):
             status=Gap.Status.CONFIRMED_EMPTY, updated_at=timezone.now()
         )
         self.refresh_from_db(fields=["attempts", "status", "updated_at"])
+
+
+class ExportQuerySet(models.QuerySet):
+    def visible_to(self, user) -> "ExportQuerySet":
+        """The exports `user` may see and download: their own; staff and superusers see every one."""
+        if user.is_staff or user.is_superuser:
+            return self
+        return self.filter(created_by=user)
+
+    def expired(self, now=None) -> "ExportQuerySet":
+        """Exports past their expiry whose files are still on disk."""
+        return self.filter(expires_at__lt=now or timezone.now()).exclude(file_path="")
+
+
+class Export(models.Model):
+    """A file of stored candles (and indicators) for one exchange, some symbols and timeframes.
+
+    Written in the background by a `run_scheduler` worker (its `task`, of kind export; status, progress
+    and error live there) or in the foreground by `manage.py export`; apps/marketdata/exports.py writes
+    it. The file lives under settings.EXPORT_DIR until `expires_at`, then it is deleted.
+    """
+
+    class Format(models.TextChoices):
+        CSV = "csv"
+        JSON = "json"
+        PARQUET = "parquet"
+        FREQTRADE = "freqtrade"
+
+    task = models.OneToOneField("jobs.Task", on_delete=models.CASCADE, related_name="export")
+    exchange_id = models.CharField(max_length=64)
+    symbols = models.JSONField(default=list)
+    timeframes = models.JSONField(default=list)
+    start_ts = models.BigIntegerField(null=True, blank=True, help_text="First candle open time, UTC ms, inclusive.")
+    end_ts = models.BigIntegerField(null=True, blank=True, help_text="Last candle open time, UTC ms, inclusive.")
+    format = models.CharField(max_length=16, choices=Format.choices)
+    indicators = models.BooleanField(default=False)
+    rows = models.BigIntegerField(default=0, help_text="Candles written.")
+    size = models.BigIntegerField(default=0, help_text="Bytes of the file.")
+    file_path = models.CharField(max_length=500, blank=True, help_text="Relative to EXPORT_DIR; blank when none.")
+    expires_at = models.DateTimeField(null=True, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="exports"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    objects = ExportQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["expires_at"], name="export_expiry_idx")]
+
+    def __str__(self) -> str:
+        series = f"{','.join(self.symbols)} {','.join(self.timeframes)}"
+        return f"export {self.pk}: {self.exchange_id} {series} {self.format}"
+
+    def is_expired(self, now=None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (now or timezone.now())

@@ -210,6 +210,36 @@ def read_closes(exchange_id: str, symbol: str, timeframe: str, start_ts: int) ->
     return np.array(ts, dtype=np.int64), np.array(close, dtype=float)
 
 
+def iter_candle_columns(
+    exchange_id: str, symbol: str, timeframe: str, start_ts: int | None, end_ts: int | None, chunk_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """The candles in the bounds as column arrays, `chunk_size` rows per chunk, ascending ts.
+
+    One cursor over the range, read in batches of `chunk_size` documents (the server keeps the cursor
+    between batches, so memory stays at one chunk on both sides).
+    """
+    fields = ("ts", *VALUE_FIELDS)
+    cursor = (
+        get_db()[CANDLES]
+        .find(series_filter(exchange_id, symbol, timeframe, start_ts, end_ts), dict.fromkeys(fields, 1) | {"_id": 0})
+        .sort("ts", 1)
+        .batch_size(chunk_size)
+    )
+    rows: list[tuple] = []
+    for doc in cursor:
+        rows.append((doc["ts"], doc["open"], doc["high"], doc["low"], doc["close"], doc["volume"]))
+        if len(rows) == chunk_size:
+            yield _columns(rows)
+            rows = []
+    if rows:
+        yield _columns(rows)
+
+
+def _columns(rows: list[tuple]) -> dict[str, np.ndarray]:
+    table = np.array(rows, dtype=[("ts", "i8"), *((field, "f8") for field in VALUE_FIELDS)])
+    return {field: np.ascontiguousarray(table[field]) for field in ("ts", *VALUE_FIELDS)}
+
+
 def _end_ts(query: dict[str, Any], direction: int) -> int | None:
     doc = get_db()[CANDLES].find_one(query, {"_id": 0, "ts": 1}, sort=[("ts", direction)])
     return None if doc is None else doc["ts"]

@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -20,6 +22,8 @@ from rest_framework.request import Request
 from rest_framework.utils.urls import replace_query_param
 
 from apps.connectors.exchanges import is_known_exchange
+from apps.marketdata.exports import request_export
+from apps.marketdata.models import Export
 from apps.marketdata.timeframes import datetime_to_ms, is_valid_timeframe, timeframe_error
 
 DEFAULT_LIMIT = 1_000
@@ -202,3 +206,82 @@ def csv_stream(header: list[str], rows: Iterable[list], rows_per_chunk: int = 1_
             buffer.truncate()
             pending = 0
     yield buffer.getvalue()
+
+
+# --- Exports --------------------------------------------------------------------------------------
+
+
+class ExportRequestSerializer(serializers.Serializer):
+    """POST /data/export: what to export. The rules (known symbols, the row maximum, ...) are
+    `exports.validate_export`'s, called by `request_export` when the export is created."""
+
+    exchange_id = serializers.CharField(max_length=64, help_text="ccxt exchange id, or simulated.")
+    symbols = serializers.ListField(
+        child=serializers.CharField(max_length=64), allow_empty=False, max_length=200, help_text='e.g. ["BTC/USDT"].'
+    )
+    timeframes = serializers.ListField(
+        child=serializers.CharField(max_length=8), allow_empty=False, max_length=50, help_text='e.g. ["1m", "1h"].'
+    )
+    start = TimestampField(required=False, help_text="First candle open time, inclusive: epoch ms or ISO 8601 (UTC).")
+    end = TimestampField(required=False, help_text="Last candle open time, inclusive: epoch ms or ISO 8601 (UTC).")
+    format = serializers.CharField(max_length=16, help_text="csv, json (JSON Lines), parquet or freqtrade.")
+    indicators = serializers.BooleanField(default=False, help_text="Add one column per configured indicator.")
+
+    def create(self, validated_data: dict) -> "Export":
+        try:
+            return request_export(
+                exchange_id=validated_data["exchange_id"],
+                symbols=validated_data["symbols"],
+                timeframes=validated_data["timeframes"],
+                start_ts=validated_data.get("start"),
+                end_ts=validated_data.get("end"),
+                format=validated_data["format"],
+                indicators=validated_data["indicators"],
+                user=validated_data.get("user"),
+            )
+        except DjangoValidationError as error:
+            detail = error.message_dict if hasattr(error, "error_dict") else {"non_field_errors": error.messages}
+            raise serializers.ValidationError(detail) from None
+
+
+class ExportSerializer(serializers.ModelSerializer):
+    status = serializers.CharField(source="task.status", help_text="pending, running, succeeded, failed, cancelled.")
+    progress = serializers.FloatField(source="task.progress", help_text="Share written, 0 to 1.")
+    message = serializers.CharField(source="task.message")
+    error = serializers.CharField(source="task.error")
+    finished_at = serializers.DateTimeField(source="task.finished_at", allow_null=True)
+    start = serializers.IntegerField(source="start_ts", allow_null=True, help_text="UTC ms, inclusive.")
+    end = serializers.IntegerField(source="end_ts", allow_null=True, help_text="UTC ms, inclusive.")
+    download = serializers.SerializerMethodField(help_text="URL of the file once succeeded and until it expires.")
+
+    class Meta:
+        model = Export
+        fields = [
+            "id",
+            "status",
+            "progress",
+            "message",
+            "rows",
+            "size",
+            "error",
+            "expires_at",
+            "download",
+            "exchange_id",
+            "symbols",
+            "timeframes",
+            "start",
+            "end",
+            "format",
+            "indicators",
+            "created_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(OpenApiTypes.URI)
+    def get_download(self, export: Export) -> str | None:
+        if not export.file_path or export.is_expired():
+            return None
+        path = reverse("data-export-download", kwargs={"pk": export.pk})
+        request = self.context.get("request")
+        return request.build_absolute_uri(path) if request is not None else path

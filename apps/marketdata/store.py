@@ -46,6 +46,8 @@ VALUE_FIELDS = ("open", "high", "low", "close", "volume")
 # Rows fetched per query by iter_candles and iter_indicators: big enough to amortise the round trip,
 # small enough that a stream of millions of rows holds only one chunk in memory.
 ITER_CHUNK = 10_000
+# Rows per chunk of iter_candle_columns: arrays of 250,000 candles are 12 MB, a round trip per 250,000.
+COLUMN_CHUNK = 250_000
 
 
 class UpsertResult(NamedTuple):
@@ -264,6 +266,24 @@ def iter_candles(
         limit,
         chunk_size,
     )
+
+
+def iter_candle_columns(
+    exchange_id: str,
+    symbol: str,
+    timeframe: str,
+    start_ts: int | None = None,
+    end_ts: int | None = None,
+    chunk_size: int = COLUMN_CHUNK,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The series' candles in the bounds (inclusive) as columns, chunk after chunk, ascending ts.
+
+    Each chunk is a dict of numpy arrays of equal length, `ts` (int64, UTC ms) and `open`, `high`, `low`,
+    `close`, `volume` (float64), at most `chunk_size` rows, never empty. For exports and other bulk
+    readers: no Python object per candle, and one chunk in memory at a time.
+    """
+    _check_series(exchange_id, symbol, timeframe)
+    return _store().iter_candle_columns(exchange_id, symbol, timeframe, start_ts, end_ts, chunk_size)
 
 
 def read_closes(exchange_id: str, symbol: str, timeframe: str, start_ts: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,11 @@
-from django.urls import path
+from django.urls import path, re_path
 
 from apps.marketdata import views
 
 urlpatterns = [
     path("data/ohlcv", views.ohlcv, name="data-ohlcv"),
     path("data/indicators", views.indicators, name="data-indicators"),
+    re_path(r"^data/export/?$", views.export_create, name="data-export"),
+    re_path(r"^data/export/(?P<pk>[0-9]{1,20})/?$", views.export_detail, name="data-export-detail"),
+    re_path(r"^data/export/(?P<pk>[0-9]{1,20})/download/?$", views.export_download, name="data-export-download"),
 ]

@@ -1,7 +1,9 @@
 import logging
 from itertools import chain, islice
 
-from django.http import StreamingHttpResponse
+from django.http import FileResponse, Http404, StreamingHttpResponse
+from django.shortcuts import get_object_or_404
+from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.decorators import api_view, permission_classes, renderer_classes
@@ -11,10 +13,14 @@ from rest_framework.renderers import BaseRenderer, BrowsableAPIRenderer, JSONRen
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from apps.marketdata import store
+from apps.jobs.models import Task
+from apps.marketdata import exports, store
 from apps.marketdata.indicators import indicator_set
+from apps.marketdata.models import Export
 from apps.marketdata.serializers import (
     CSVRenderer,
+    ExportRequestSerializer,
+    ExportSerializer,
     SeriesQuerySerializer,
     candle_dict,
     csv_stream,
@@ -134,3 +140,88 @@ def indicators(request: Request) -> Response | StreamingHttpResponse:
     rows = store.read_indicators(*series, **bounds, limit=limit + 1)
     page = cursor_page(request, params, [row_dict(ts, values) for ts, values in rows], limit)
     return Response({**page, "columns": names})
+
+
+# --- Exports --------------------------------------------------------------------------------------
+
+# Ids beyond PostgreSQL's bigint would be a database error, not a 404.
+MAX_ID = 2**63 - 1
+
+
+class IgnoreAccept(DefaultContentNegotiation):
+    """JSON whatever the Accept header says: a download's file is not rendered, and its refusals are JSON."""
+
+    def select_renderer(self, request: Request, renderers: list[BaseRenderer], format_suffix: str | None = None):
+        return renderers[0], renderers[0].media_type
+
+
+def visible_export(request: Request, pk: int) -> Export:
+    exports_seen = Export.objects.visible_to(request.user).select_related("task")
+    if pk > MAX_ID:
+        raise Http404
+    return get_object_or_404(exports_seen, pk=pk)
+
+
+@extend_schema(
+    request=ExportRequestSerializer,
+    responses={(202, "application/json"): ExportSerializer, (503, "application/json"): ErrorSerializer},
+)
+@api_view(["POST"])
+@permission_classes([requires("marketdata.add_export", "marketdata.view_candle")])
+def export_create(request: Request) -> Response:
+    """Queue an export of stored candles: answers 202 with the export, which a scheduler writes in the
+    background (`GET /data/export/{id}` for status and progress, then `.../download`).
+
+    `format`: csv, json (JSON Lines), parquet, or freqtrade (a zip of freqtrade's data directory). Several
+    series (symbols x timeframes) give a zip with one file each. A range with no candles gives an export of
+    zero rows; a range that may hold more than EXPORT_MAX_ROWS candles is a 400 saying the maximum.
+    """
+    serializer = ExportRequestSerializer(data=request.data)
+    serializer.is_valid(raise_exception=True)
+    try:
+        export = serializer.save(user=request.user)
+    except store.UNAVAILABLE_ERRORS as error:
+        return store_unavailable(error)
+    location = reverse("data-export-detail", kwargs={"pk": export.pk})
+    data = ExportSerializer(export, context={"request": request}).data
+    return Response(data, status=202, headers={"Location": request.build_absolute_uri(location)})
+
+
+@extend_schema(responses={200: ExportSerializer})
+@api_view(["GET"])
+@permission_classes([requires("marketdata.view_export")])
+def export_detail(request: Request, pk: int) -> Response:
+    """An export's status, progress, rows, size, error, expiry and download URL. Only its creator (or
+    staff) sees it; anyone else gets 404."""
+    export = visible_export(request, int(pk))
+    return Response(ExportSerializer(export, context={"request": request}).data)
+
+
+@extend_schema(
+    responses={
+        **{(200, media): OpenApiTypes.BINARY for media in sorted(set(exports.MEDIA_TYPES.values()))},
+        (409, "application/json"): ErrorSerializer,
+        (410, "application/json"): ErrorSerializer,
+    }
+)
+@api_view(["GET"])
+@renderer_classes([JSONRenderer])
+@permission_classes([requires("marketdata.view_export")])
+def export_download(request: Request, pk: int) -> Response | FileResponse:
+    """The export's file (a zip for several series or the freqtrade layout), streamed. 409 while it is
+    not written yet, 410 once it expired (its file is deleted then). Only its creator (or staff)."""
+    export = visible_export(request, int(pk))
+    if export.task.status != Task.Status.SUCCEEDED:
+        detail = f"The export is {export.task.status}"
+        detail += f": {export.task.error}" if export.task.error else "; download it once its status is succeeded."
+        return Response({"detail": detail}, status=409)
+    path = exports.export_path(export)
+    if export.is_expired() or path is None or not path.is_file():
+        expired = f" at {export.expires_at:%Y-%m-%dT%H:%M:%SZ}" if export.expires_at else ""
+        return Response({"detail": f"The export expired{expired}; its file is deleted."}, status=410)
+    return FileResponse(
+        path.open("rb"), as_attachment=True, filename=path.name, content_type=exports.media_type(export)
+    )
+
+
+export_download.cls.content_negotiation_class = IgnoreAccept

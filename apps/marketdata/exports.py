@@ -1,0 +1,441 @@
+"""Exports: stored candles (and indicators) written to CSV, JSON Lines, Parquet or freqtrade's layout.
+
+An `Export` row says what to write; `write_export` writes it under settings.EXPORT_DIR/<id>/, reading
+each series through the store in column chunks (store.iter_candle_columns) and writing each chunk as
+it comes, so memory stays flat whatever the range. One series gives one file; several give a zip of one
+file per series. `request_export` validates and queues an export (the API and `manage.py export` share
+it); `run_export_task` is the background handler (`apps.jobs.tasks.HANDLERS`).
+
+Formats (every one has `ts`, the candle open time, and float64 open, high, low, close, volume, then one
+column per indicator when asked):
+- parquet: `ts` as timestamp(ms, UTC), one row group per chunk of candles, zstd-compressed.
+- csv: `ts` (epoch ms), `time` (ISO 8601 UTC), the values, as the API's `?format=csv`.
+- json: JSON Lines, one object per candle with the same keys as the CSV columns; null for a missing value.
+- freqtrade: freqtrade's own data directory, a zip of `<exchange>/<PAIR>-<timeframe>.feather` (futures,
+  the symbols with a settle currency: `<exchange>/futures/<PAIR>-<timeframe>-futures.feather`), exactly
+  the columns date, open, high, low, close, volume (date a timestamp(ms, UTC)), LZ4-compressed Arrow
+  files as freqtrade's FeatherDataHandler writes and reads them. Indicators are not part of it.
+"""
+
+import logging
+import shutil
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from itertools import chain
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.ipc as pa_ipc
+import pyarrow.parquet as pq
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from apps.connectors.exchanges import is_known_exchange
+from apps.jobs.models import Job, Task, validate_symbol
+from apps.marketdata import store
+from apps.marketdata.indicators import indicator_set
+from apps.marketdata.models import Export
+from apps.marketdata.timeframes import is_valid_timeframe, slot_count, timeframe_error
+
+logger = logging.getLogger(__name__)
+
+FORMATS = tuple(Export.Format.values)
+EXTENSIONS = {"csv": "csv", "json": "jsonl", "parquet": "parquet", "freqtrade": "feather"}
+MEDIA_TYPES = {
+    "csv": "text/csv",
+    "json": "application/x-ndjson",
+    "parquet": "application/vnd.apache.parquet",
+    "zip": "application/zip",
+}
+MAX_SERIES = 200
+VALUE_FIELDS = ("open", "high", "low", "close", "volume")
+TS_TYPE = pa.timestamp("ms", tz="UTC")
+
+
+# --- Validation -------------------------------------------------------------------------------------
+
+
+def validate_export(
+    exchange_id: str,
+    symbols: list[str],
+    timeframes: list[str],
+    start_ts: int | None,
+    end_ts: int | None,
+    format: str,
+    indicators: bool,
+) -> None:
+    """Raise ValidationError({field: message}) unless this export can be made; the API's 400s and the
+    command's errors come from here. A symbol or timeframe is known when a job collects it or the store
+    holds candles of it; a range with no candles is fine (the export has zero rows)."""
+    errors: dict[str, str] = {}
+    if format not in FORMATS:
+        errors["format"] = f"format {format!r} is not offered: use {', '.join(FORMATS)}."
+    if not is_known_exchange(exchange_id):
+        errors["exchange_id"] = (
+            f"Unknown exchange {exchange_id!r}: use a ccxt exchange id (e.g. binance) or simulated; "
+            "GET /api/v1/exchanges lists them."
+        )
+    if not symbols:
+        errors["symbols"] = "Give at least one symbol, e.g. BTC/USDT."
+    if not timeframes:
+        errors["timeframes"] = "Give at least one timeframe, e.g. 1m."
+    for symbol in symbols:
+        try:
+            validate_symbol(symbol)
+        except ValidationError as exc:
+            errors.setdefault("symbols", exc.messages[0])
+    bad_timeframes = [timeframe for timeframe in timeframes if not is_valid_timeframe(timeframe)]
+    if bad_timeframes:
+        errors["timeframes"] = timeframe_error(bad_timeframes[0])
+    if len(symbols) * len(timeframes) > MAX_SERIES:
+        errors["symbols"] = f"At most {MAX_SERIES} series (symbols x timeframes) per export."
+    if start_ts is not None and end_ts is not None and start_ts > end_ts:
+        errors["start"] = "start is after end."
+    if indicators and format == Export.Format.FREQTRADE:
+        errors["indicators"] = (
+            "freqtrade's data files hold exactly date, open, high, low, close, volume (its data handlers "
+            "refuse other columns; freqtrade computes indicators itself): export with indicators false."
+        )
+    if errors:
+        raise ValidationError(errors)
+    known = _known_series(exchange_id, symbols, timeframes)
+    unknown_symbols = [symbol for symbol in symbols if not any((symbol, tf) in known for tf in timeframes)]
+    if unknown_symbols:
+        errors["symbols"] = (
+            f"No series of {', '.join(map(repr, unknown_symbols))} on {exchange_id} in timeframes "
+            f"{', '.join(timeframes)}: neither collected by a job nor stored."
+        )
+    unknown_timeframes = [tf for tf in timeframes if not any((symbol, tf) in known for symbol in symbols)]
+    if unknown_timeframes and not unknown_symbols:
+        errors["timeframes"] = (
+            f"No series in timeframe {', '.join(map(repr, unknown_timeframes))} of {', '.join(symbols)} on "
+            f"{exchange_id}: neither collected by a job nor stored."
+        )
+    if errors:
+        raise ValidationError(errors)
+    estimate = estimate_rows(exchange_id, symbols, timeframes, start_ts, end_ts)
+    if estimate > settings.EXPORT_MAX_ROWS:
+        raise ValidationError(
+            f"The range may hold up to {estimate:,} candles; an export holds at most {settings.EXPORT_MAX_ROWS:,} "
+            "(EXPORT_MAX_ROWS): narrow start and end, or export fewer series at a time."
+        )
+
+
+def _known_series(exchange_id: str, symbols: list[str], timeframes: list[str]) -> set[tuple[str, str]]:
+    collected = set(
+        Job.objects.filter(connector__exchange_id=exchange_id, symbol__in=symbols, timeframe__in=timeframes)
+        .values_list("symbol", "timeframe")
+        .distinct()
+    )
+    return collected | {
+        (symbol, timeframe)
+        for symbol in symbols
+        for timeframe in timeframes
+        if (symbol, timeframe) not in collected and store.first_ts(exchange_id, symbol, timeframe) is not None
+    }
+
+
+def _series_estimate(exchange_id: str, symbol: str, timeframe: str, start_ts: int | None, end_ts: int | None) -> int:
+    """Slots between the stored bounds clipped to the range: an upper bound of the candles there (two
+    index probes, where counting would walk the range)."""
+    first, last = store.first_ts(exchange_id, symbol, timeframe), store.last_ts(exchange_id, symbol, timeframe)
+    if first is None:
+        return 0
+    low = first if start_ts is None else max(first, start_ts)
+    high = last if end_ts is None else min(last, end_ts)
+    return slot_count(timeframe, low, high) if low <= high else 0
+
+
+def estimate_rows(
+    exchange_id: str, symbols: list[str], timeframes: list[str], start_ts: int | None, end_ts: int | None
+) -> int:
+    return sum(
+        _series_estimate(exchange_id, symbol, timeframe, start_ts, end_ts)
+        for symbol in symbols
+        for timeframe in timeframes
+    )
+
+
+# --- Requests ---------------------------------------------------------------------------------------
+
+
+def request_export(
+    *,
+    exchange_id: str,
+    symbols: list[str],
+    timeframes: list[str],
+    start_ts: int | None = None,
+    end_ts: int | None = None,
+    format: str,
+    indicators: bool = False,
+    user=None,
+) -> Export:
+    """Validate (ValidationError naming the field) and queue an export; a scheduler worker writes it."""
+    validate_export(exchange_id, symbols, timeframes, start_ts, end_ts, format, indicators)
+    with transaction.atomic():
+        task = Task.objects.enqueue(Task.Kind.EXPORT, {}, user=user)
+        export = Export.objects.create(
+            task=task,
+            exchange_id=exchange_id,
+            symbols=list(symbols),
+            timeframes=list(timeframes),
+            start_ts=start_ts,
+            end_ts=end_ts,
+            format=format,
+            indicators=indicators,
+            created_by=user,
+        )
+        task.params = {"export_id": export.pk}
+        task.save(update_fields=["params"])
+    return export
+
+
+def run_export_task(task: Task) -> dict:
+    """The handler of export tasks: delete expired exports' files, then write this one."""
+    delete_expired_files()
+    export = Export.objects.get(task=task)
+    write_export(export, lambda share, message: task.report(share, message))
+    return {"export_id": export.pk, "rows": export.rows, "size": export.size, "file": export.file_path}
+
+
+def delete_expired_files(now=None) -> int:
+    """Delete the files of expired exports (one indexed query when there are none); returns how many."""
+    deleted = 0
+    for export in Export.objects.expired(now):
+        shutil.rmtree(export_dir(export), ignore_errors=True)
+        Export.objects.filter(pk=export.pk).update(file_path="")
+        deleted += 1
+    if deleted:
+        logger.info("deleted %s expired export files", deleted, extra={"deleted": deleted})
+    return deleted
+
+
+# --- Writing ----------------------------------------------------------------------------------------
+
+
+def export_dir(export: Export) -> Path:
+    return Path(settings.EXPORT_DIR) / str(export.pk)
+
+
+def export_path(export: Export) -> Path | None:
+    return Path(settings.EXPORT_DIR) / export.file_path if export.file_path else None
+
+
+def safe_name(text: str) -> str:
+    """`text` fit for a file name the way freqtrade names pairs (BTC/USDT:USDT -> BTC_USDT_USDT)."""
+    for char in "/ .@$+:\\":
+        text = text.replace(char, "_")
+    return text
+
+
+def freqtrade_name(exchange_id: str, symbol: str, timeframe: str) -> str:
+    """Where freqtrade looks for a pair's candles in `--datadir` (its IDataHandler._pair_data_filename):
+    spot `<PAIR>-<tf>.feather`; futures (a settle currency) `futures/<PAIR>-<tf>-futures.feather`; a
+    month is written `1Mo` (case-insensitive file systems)."""
+    timeframe = timeframe.replace("M", "Mo")
+    if ":" in symbol:
+        return f"{exchange_id}/futures/{safe_name(symbol)}-{timeframe}-futures.feather"
+    return f"{exchange_id}/{safe_name(symbol)}-{timeframe}.feather"
+
+
+def member_name(export: Export, symbol: str, timeframe: str) -> str:
+    if export.format == Export.Format.FREQTRADE:
+        return freqtrade_name(export.exchange_id, symbol, timeframe)
+    return f"{safe_name(export.exchange_id)}_{safe_name(symbol)}_{timeframe}.{EXTENSIONS[export.format]}"
+
+
+@dataclass
+class Progress:
+    """Counts written candles against the estimate and reports a share (never 1 before the end)."""
+
+    total: int
+    report: Callable[[float, str], None]
+    rows: int = 0
+
+    def add(self, rows: int, message: str) -> None:
+        self.rows += rows
+        self.report(min(0.99, self.rows / self.total) if self.total else 0.0, message)
+
+
+def write_export(export: Export, report: Callable[[float, str], None] = lambda share, message: None) -> Export:
+    """Write the export's file(s), record rows, size, path and expiry on it; returns it.
+
+    Written under a temporary name and renamed when complete, so a file on disk is always whole. `report`
+    gets the share done (0 to 1) and a message as chunks are written.
+    """
+    series = [(symbol, timeframe) for symbol in export.symbols for timeframe in export.timeframes]
+    columns = indicator_set().names if export.indicators else []
+    progress = Progress(
+        estimate_rows(export.exchange_id, export.symbols, export.timeframes, export.start_ts, export.end_ts), report
+    )
+    directory = export_dir(export)
+    shutil.rmtree(directory, ignore_errors=True)  # what an earlier, abandoned attempt left
+    directory.mkdir(parents=True, exist_ok=True)
+    single = len(series) == 1 and export.format != Export.Format.FREQTRADE
+    if single:
+        name = member_name(export, *series[0])
+        partial = directory / f".{name}.partial"
+        chunks = series_tables(export.exchange_id, *series[0], export.start_ts, export.end_ts, columns)
+        with partial.open("wb") as sink:
+            _write_series(export, *series[0], columns, chunks, sink, progress)
+    else:
+        name = f"export-{export.pk}.zip"
+        partial = directory / f".{name}.partial"
+        compression = zipfile.ZIP_DEFLATED if export.format in ("csv", "json") else zipfile.ZIP_STORED
+        with zipfile.ZipFile(partial, "w", compression=compression, compresslevel=1) as archive:
+            for symbol, timeframe in series:
+                chunks = series_tables(export.exchange_id, symbol, timeframe, export.start_ts, export.end_ts, columns)
+                first = next(chunks, None)
+                if first is None:
+                    continue  # a series without candles in the range has no file in the zip
+                with archive.open(member_name(export, symbol, timeframe), "w", force_zip64=True) as sink:
+                    _write_series(export, symbol, timeframe, columns, chain([first], chunks), sink, progress)
+    final = directory / name
+    partial.rename(final)
+    export.rows = progress.rows
+    export.size = final.stat().st_size
+    export.file_path = str(final.relative_to(settings.EXPORT_DIR))
+    export.expires_at = timezone.now() + timedelta(hours=settings.EXPORT_TTL_HOURS)
+    export.save(update_fields=["rows", "size", "file_path", "expires_at"])
+    return export
+
+
+def _write_series(
+    export: Export,
+    symbol: str,
+    timeframe: str,
+    columns: list[str],
+    chunks: Iterable[pa.Table],
+    sink: IO[bytes],
+    progress: Progress,
+) -> None:
+    message = f"{symbol} {timeframe}"
+    writer = WRITERS[export.format]
+    with writer(sink, series_schema(columns, export.format)) as write:
+        for table in chunks:
+            write(table)
+            progress.add(table.num_rows, message)
+
+
+def series_schema(columns: list[str], format: str = "parquet") -> pa.Schema:
+    time_name = "date" if format == Export.Format.FREQTRADE else "ts"
+    return pa.schema(
+        [pa.field(time_name, TS_TYPE, nullable=False)]
+        + [pa.field(name, pa.float64(), nullable=False) for name in VALUE_FIELDS]
+        + [pa.field(name, pa.float64()) for name in columns]
+    )
+
+
+def series_tables(
+    exchange_id: str,
+    symbol: str,
+    timeframe: str,
+    start_ts: int | None,
+    end_ts: int | None,
+    columns: list[str],
+    chunk_size: int = store.COLUMN_CHUNK,
+) -> Iterator[pa.Table]:
+    """The series as Arrow tables, one per store chunk: `ts` (timestamp ms UTC), the values, the indicator
+    `columns` (null where no indicator row or value is stored)."""
+    schema = series_schema(columns)
+    for chunk in store.iter_candle_columns(exchange_id, symbol, timeframe, start_ts, end_ts, chunk_size):
+        arrays: list[pa.Array] = [pa.array(chunk["ts"]).cast(TS_TYPE)]
+        arrays += [pa.array(chunk[name]) for name in VALUE_FIELDS]
+        if columns:
+            arrays += _indicator_arrays(exchange_id, symbol, timeframe, chunk["ts"], columns)
+        yield pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _indicator_arrays(exchange_id: str, symbol: str, timeframe: str, ts: np.ndarray, columns: list[str]) -> list:
+    values = {name: np.full(len(ts), np.nan) for name in columns}
+    for row_ts, row in store.iter_indicators(exchange_id, symbol, timeframe, int(ts[0]), int(ts[-1])):
+        index = np.searchsorted(ts, row_ts)
+        if index < len(ts) and ts[index] == row_ts:
+            for name in columns:
+                value = row.get(name)
+                if value is not None:
+                    values[name][index] = value
+    return [pa.array(values[name], from_pandas=True) for name in columns]  # NaN -> null
+
+
+# --- Writers: one per format, each a context manager yielding write(table) ---------------------------
+
+
+@contextmanager
+def parquet_writer(sink: IO[bytes], schema: pa.Schema) -> Iterator[Callable[[pa.Table], None]]:
+    with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+        # One row group per chunk: readers can skip by ts statistics, and memory holds one chunk.
+        yield lambda table: writer.write_table(table, row_group_size=max(1, table.num_rows))
+
+
+@contextmanager
+def csv_writer(sink: IO[bytes], schema: pa.Schema) -> Iterator[Callable[[pa.Table], None]]:
+    csv_schema = text_schema(schema)
+    with pa_csv.CSVWriter(sink, csv_schema) as writer:
+        yield lambda table: writer.write_table(_with_time_text(table, csv_schema))
+
+
+def text_schema(schema: pa.Schema) -> pa.Schema:
+    """The columns of the text formats: `ts` in epoch ms, `time` in ISO 8601, then the rest of `schema`."""
+    return pa.schema(
+        [pa.field("ts", pa.int64()), pa.field("time", pa.string())] + [schema.field(n) for n in schema.names[1:]]
+    )
+
+
+def _with_time_text(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`ts` as epoch ms and `time` as ISO 8601 UTC text ("2024-01-01T00:00:00Z"), as the API's CSV has them."""
+    ts = table.column("ts")
+    millis = ts.cast(pa.int64())
+    whole_seconds = pc.all(pc.equal(pc.remainder(millis, 1000), 0)).as_py() if len(millis) else True
+    if whole_seconds:
+        text = pc.strftime(ts.cast(pa.timestamp("s", tz="UTC")), format="%Y-%m-%dT%H:%M:%SZ")
+    else:
+        text = pc.strftime(ts, format="%Y-%m-%dT%H:%M:%SZ")
+    return pa.Table.from_arrays([millis, text, *table.columns[1:]], schema=schema)
+
+
+@contextmanager
+def json_writer(sink: IO[bytes], schema: pa.Schema) -> Iterator[Callable[[pa.Table], None]]:
+    csv_schema = text_schema(schema)
+    names = csv_schema.names
+
+    def write(table: pa.Table) -> None:
+        table = _with_time_text(table, csv_schema)
+        columns = [column.to_pylist() for column in table.columns]
+        option = orjson.OPT_APPEND_NEWLINE
+        rows = zip(*columns, strict=True)
+        sink.write(b"".join(orjson.dumps(dict(zip(names, row, strict=True)), option=option) for row in rows))
+
+    yield write
+
+
+@contextmanager
+def feather_writer(sink: IO[bytes], schema: pa.Schema) -> Iterator[Callable[[pa.Table], None]]:
+    # Feather V2 is the Arrow IPC file format; LZ4 as freqtrade's own files (pandas.to_feather there).
+    options = pa_ipc.IpcWriteOptions(compression="lz4")
+    with pa_ipc.new_file(sink, schema, options=options) as writer:
+        yield lambda table: writer.write_table(table.rename_columns(schema.names))
+
+
+WRITERS: dict[str, Callable[[IO[bytes], pa.Schema], Any]] = {
+    "parquet": parquet_writer,
+    "csv": csv_writer,
+    "json": json_writer,
+    "freqtrade": feather_writer,
+}
+
+
+def media_type(export: Export) -> str:
+    if export.file_path.endswith(".zip"):
+        return MEDIA_TYPES["zip"]
+    return MEDIA_TYPES.get(export.format, "application/octet-stream")
