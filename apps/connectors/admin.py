@@ -85,13 +85,13 @@ class ConnectorAdmin(admin.ModelAdmin):
         (None, {"fields": ["created_at", "updated_at"]}),
     ]
 
-    def get_form(self, request: HttpRequest, obj: Connector | None = None, change: bool = False, **kwargs) -> type:
     def save_model(self, request: HttpRequest, obj: Connector, form: forms.ModelForm, change: bool) -> None:
         super().save_model(request, obj, form, change)
         if not change:
             # Fetched by a scheduler worker: the exchange may be slow or far, the admin page does not wait.
             Task.objects.enqueue(Task.Kind.MARKETS, {"connector": obj.pk}, request.user)
 
+    def get_form(self, request: HttpRequest, obj: Connector | None = None, change: bool = False, **kwargs) -> type:
         form = super().get_form(request, obj, change=change, **kwargs)
         # modelform_factory builds a new class on every call, so this attribute is this request's alone.
         form.user = request.user

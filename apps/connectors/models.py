@@ -276,6 +276,10 @@ class Connector(models.Model):
         return Market.objects.refresh(self, markets)
 
 
+# A refresh someone waits for (the API, an admin action) answers within about this long, plus one request's
+# own timeout, or fails.
+REFRESH_PATIENCE_SECONDS = 20.0
+
 # How many listed symbols an error about an unknown symbol suggests, and how alike they must be (difflib).
 CLOSEST_SYMBOLS = 5
 CLOSEST_CUTOFF = 0.5
@@ -283,10 +287,6 @@ CLOSEST_CUTOFF = 0.5
 
 @dataclasses.dataclass(frozen=True)
 class RefreshResult:
-# A refresh someone waits for (the API, an admin action) answers within about this long, plus one request's
-# own timeout, or fails.
-REFRESH_PATIENCE_SECONDS = 20.0
-
     """What a refresh of an exchange's markets changed."""
 
     exchange_id: str

@@ -43,8 +43,8 @@ from apps.jobs.outages import (
 from apps.jobs.tasks import run_task
 from apps.monitoring import live
 from apps.monitoring import metrics as fleet_metrics
-from datacollector.config import get_config
 from apps.monitoring.fleet import Membership
+from datacollector.config import get_config
 from datacollector.migrations_state import missing_table_message
 
 logger = logging.getLogger("apps.jobs.scheduler")
@@ -474,21 +474,21 @@ class Command(BaseCommand):
             )
             for n in range(options["workers"])
         ]
+        # The fleet registry (GET /api/v1/system/status): registered now, deregistered after the workers end.
+        membership = Membership(options["worker_id"], options["workers"]).start()
         for thread in threads:
             thread.start()
         # join() with a timeout keeps the main thread responsive to signals.
         for thread in threads:
             while thread.is_alive():
                 thread.join(0.2)
-        # The fleet registry (GET /api/v1/system/status): registered now, deregistered after the workers end.
-        membership = Membership(options["worker_id"], options["workers"]).start()
+        membership.stop()
 
     def _install_signal_handlers(self) -> None:
         def handle_signal(signum: int, frame: Any) -> None:
             if self.stopping.is_set():
                 logger.warning("second %s: exiting now", signal.Signals(signum).name)
                 os._exit(128 + signum)
-        membership.stop()
             logger.info(
                 "%s: finishing running jobs, releasing the others",
                 signal.Signals(signum).name,
