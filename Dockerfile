@@ -11,8 +11,8 @@ COPY . .
 # Hashed, compressed static files (WhiteNoise serves them with DEBUG off); SECRET_KEY only for this step.
 RUN SECRET_KEY=collectstatic-only python manage.py collectstatic --noinput --verbosity 0
 
-RUN useradd --system --home /app collector && chown -R collector /app
-USER collector
+RUN useradd --system --uid 10001 --home /app collector && chown -R collector /app
+USER 10001
 
 EXPOSE 8000
 # The ASGI app (HTTP and the /ws hub) on gunicorn-managed uvicorn workers. WEB_BIND and WEB_CONCURRENCY

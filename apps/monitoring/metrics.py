@@ -182,6 +182,9 @@ class FleetCollector(Collector):
         waited = CounterMetricFamily("dc_bucket_wait_seconds", "Seconds spent waiting for tokens.", labels=labels)
         tokens = GaugeMetricFamily("dc_bucket_tokens", "Tokens in the bucket at its last update.", labels=labels)
         capacity = GaugeMetricFamily("dc_bucket_capacity", "Bucket capacity (burst).", labels=labels)
+        per_minute = GaugeMetricFamily(
+            "dc_bucket_weight_per_minute", "Weight the bucket refills per minute (the sustained budget).", labels=labels
+        )
         blocked = GaugeMetricFamily(
             "dc_exchange_blocked", "1 while the exchange asked us to back off (429/418).", labels=labels
         )
@@ -194,9 +197,10 @@ class FleetCollector(Collector):
             waited.add_metric(key, limit.wait_seconds)
             tokens.add_metric(key, limit.tokens)
             capacity.add_metric(key, limit.capacity)
+            per_minute.add_metric(key, limit.refill_per_second * 60)
             blocked.add_metric(key, int(bool(limit.blocked_until and limit.blocked_until > now)))
             circuit.add_metric(key, int(bool(limit.circuit_open_until and limit.circuit_open_until > now)))
-        yield from (granted, denied, used, waited, tokens, capacity, blocked, circuit)
+        yield from (granted, denied, used, waited, tokens, capacity, per_minute, blocked, circuit)
 
         gaps = GaugeMetricFamily(
             "dc_gaps", "Missing candle ranges by exchange and status.", labels=["exchange", "status"]
