@@ -25,6 +25,7 @@ class ApiRouter(DefaultRouter):
         "exchanges": "exchange-list",
         "data/ohlcv": "data-ohlcv",
         "data/indicators": "data-indicators",
+        "system/status": "system-status",
         "auth/token": "api-token",
     }
 
@@ -47,6 +48,7 @@ api_v1 = [
     path("", include("apps.jobs.urls")),
     path("", include("apps.ratelimits.urls")),
     path("", include("apps.marketdata.urls")),
+    path("", include("apps.monitoring.api_urls")),
     path("", include(api_router.urls)),
 ]
 

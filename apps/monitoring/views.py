@@ -11,6 +11,14 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 from django_prometheus.exports import ExportToDjangoView
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from apps.monitoring.status import runs_in_flight, system_stats, system_status
+from datacollector.permissions import requires
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +41,7 @@ def ready(request: HttpRequest) -> JsonResponse:
     Anyone sees the status and which components fail; only staff see each check's error, which names
     hosts and ports.
     """
-    checks = {"database": _check_database()}
-    if settings.MONGODB_URI:
-        checks["mongodb"] = _check_mongodb(settings.MONGODB_URI)
+    checks = component_checks()
     failing = [name for name, check in checks.items() if check["status"] != "ok"]
     body = {"status": "unavailable" if failing else "ok"}
     if failing:
@@ -43,6 +49,14 @@ def ready(request: HttpRequest) -> JsonResponse:
     if _is_staff(request):
         body["checks"] = checks
     return JsonResponse(body, status=503 if failing else 200)
+
+
+def component_checks() -> dict[str, dict[str, str]]:
+    """The database, and MongoDB when configured: {"status": "ok"} or {"status": "error", "error": ...}."""
+    checks = {"database": _check_database()}
+    if settings.MONGODB_URI:
+        checks["mongodb"] = _check_mongodb(settings.MONGODB_URI)
+    return checks
 
 
 @never_cache
@@ -99,3 +113,40 @@ def _check_mongodb(uri: str) -> dict[str, str]:
         if client is not None:
             client.close()
     return {"status": "ok"}
+
+
+class SystemStatusView(APIView):
+    """Version, database, candle store, schedulers alive and lost, jobs overdue, runs in flight, exchanges
+    backing off. 503 (with the same body) when a component fails or no scheduler is alive, like /health/ready."""
+
+    permission_classes = [requires("monitoring.view_schedulerprocess")]
+
+    @extend_schema(responses={200: OpenApiTypes.OBJECT, 503: OpenApiTypes.OBJECT})
+    def get(self, request: Request) -> Response:
+        body = system_status(component_checks())
+        if not (request.user.is_staff or request.user.is_superuser):
+            # The checks' errors name hosts and ports: staff only, as on /health/ready.
+            body["checks"] = {name: {"status": check["status"]} for name, check in body["checks"].items()}
+        return Response(body, status=200 if body["ok"] else 503)
+
+
+class SystemStatsView(APIView):
+    """Candles and series stored; requests, rate-limit answers (429/418) and runs by outcome over the last
+    hour and day."""
+
+    permission_classes = [requires("jobs.view_run")]
+
+    @extend_schema(responses=OpenApiTypes.OBJECT)
+    def get(self, request: Request) -> Response:
+        return Response(system_stats())
+
+
+class SystemJobsView(APIView):
+    """The runs in flight, oldest first: worker, series, pages so far, age."""
+
+    permission_classes = [requires("jobs.view_run")]
+
+    @extend_schema(responses=OpenApiTypes.OBJECT)
+    def get(self, request: Request) -> Response:
+        runs = runs_in_flight()
+        return Response({"count": len(runs), "runs": runs})
