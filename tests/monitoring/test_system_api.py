@@ -117,3 +117,13 @@ def test_the_system_endpoints_need_their_view_permissions():
     reader.force_authenticate(grant(get_user_model().objects.create_user("reader"), "view_run"))
     assert reader.get("/api/v1/system/jobs").status_code == 200
     assert reader.get("/api/v1/system/status").status_code == 403
+
+
+def test_the_admin_lists_the_scheduler_processes_with_their_state(admin_client):
+    process("alive-one")
+    process("lost-one", beat_seconds_ago=600)
+    page = admin_client.get("/admin/monitoring/schedulerprocess/").content.decode()
+    assert "alive-one" in page
+    assert "lost-one" in page
+    assert ">lost<" in page
+    assert admin_client.get("/admin/monitoring/schedulerprocess/add/").status_code == 403
