@@ -15,6 +15,17 @@ def _fast_password_hashing(settings) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _plain_static_names(settings) -> None:
+    # Pages name static files as written, whatever manifest a local collectstatic left in STATIC_ROOT
+    # (it would hash the names, or fail on files added since); tests/test_production_server.py checks
+    # the hashed, compressed files the production storage makes.
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
+
+
+@pytest.fixture(autouse=True)
 def _fresh_throttles() -> None:
     # DRF's throttles count in the cache, which outlives a test: each test starts with none counted.
     cache.clear()
