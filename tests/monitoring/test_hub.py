@@ -54,7 +54,7 @@ def start_server(tmp_path: Path, **env: str) -> str:
     process = track(
         subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "datacollector.asgi:application", "--host", "127.0.0.1",
-             "--port", str(port), "--ws", "websockets", "--log-level", "warning"],
+             "--port", str(port), "--ws", "websockets-sansio", "--log-level", "warning"],
             cwd=settings.BASE_DIR, env=child_env(**env), stdout=log, stderr=subprocess.STDOUT,
         )
     )  # fmt: skip
