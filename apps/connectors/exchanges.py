@@ -25,6 +25,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
@@ -664,8 +665,31 @@ _CLOCK_DATE_TOLERANCE_SECONDS = 2.0
 _clock_cache: dict[str, tuple[float, int]] = {}
 _clock_lock = threading.Lock()
 
-# Loaded markets per (exchange id, urls/options), shared by the clients of this process' threads.
-_markets_cache: dict[str, tuple[float, dict, int | None]] = {}
+# What ccxt's set_markets_from_exchange copies from its source exchange.
+_MARKET_ATTRIBUTES = (
+    "markets",
+    "markets_by_id",
+    "symbols",
+    "ids",
+    "currencies",
+    "currencies_by_id",
+    "baseCurrencies",
+    "quoteCurrencies",
+    "codes",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SharedMarkets:
+    loaded_at: float  # monotonic
+    source: SimpleNamespace  # the _MARKET_ATTRIBUTES, id and options of the exchange that loaded them
+    announced: int | None  # the weight per minute its exchangeInfo announced
+
+
+# Loaded markets per (exchange id, urls/options), shared by the clients of this process' threads, and the
+# lock held by the one thread loading them.
+_markets_cache: dict[str, _SharedMarkets] = {}
+_markets_loading: dict[str, threading.Lock] = {}
 _markets_lock = threading.Lock()
 
 
@@ -817,24 +841,50 @@ class CcxtClient:
             self._body = None  # an exchangeInfo body weighs megabytes
 
     def _ensure_markets(self) -> None:
-        fresh = self._markets_loaded_at is not None and time.monotonic() - self._markets_loaded_at < MARKETS_TTL_SECONDS
-        if fresh:
+        """Markets loaded once per process and TTL, shared by every thread's client without re-parsing.
+
+        Binance's exchangeInfo weighs 20 and parsing it costs tens of milliseconds, and the clients of all
+        worker threads go stale at the same moment. One thread reloads; the others keep using the markets
+        they have until the new ones are in (a listing change can wait a few seconds), or wait for it when
+        they have none yet.
+        """
+        now = time.monotonic()
+        if self._markets_loaded_at is not None and now - self._markets_loaded_at < MARKETS_TTL_SECONDS:
             return
-        # The threads of one process share what one of them loaded (Binance's exchangeInfo weighs 20).
         with _markets_lock:
-            loaded_at, markets, announced = _markets_cache.get(self._markets_key, (None, None, None))
-        if loaded_at is None or time.monotonic() - loaded_at >= MARKETS_TTL_SECONDS:
-            self._announced = None
-            self._request(self.profile.markets_weight, lambda: self.exchange.load_markets(reload=True))
-            loaded_at, announced = time.monotonic(), self._announced
-            with _markets_lock:
-                _markets_cache[self._markets_key] = (loaded_at, self.exchange.markets, announced)
-        else:
-            self.exchange.set_markets(markets)
-        if announced is not None:
+            shared = _markets_cache.get(self._markets_key)
+            loading = _markets_loading.setdefault(self._markets_key, threading.Lock())
+        if shared is None or now - shared.loaded_at >= MARKETS_TTL_SECONDS:
+            have_markets = bool(self.exchange.markets)
+            if not loading.acquire(blocking=not have_markets):
+                return  # another thread is reloading; these markets serve until it is done
+            try:
+                with _markets_lock:
+                    shared = _markets_cache.get(self._markets_key)
+                if shared is None or time.monotonic() - shared.loaded_at >= MARKETS_TTL_SECONDS:
+                    shared = self._load_markets()
+            finally:
+                loading.release()
+        if self.exchange.markets is not shared.source.markets:
+            self.exchange.set_markets_from_exchange(shared.source)
+        if shared.announced is not None:
             # Before the first klines request: from now on this client never spends more than announced.
-            self._guard.learn_announced(announced)
-        self._markets_loaded_at = loaded_at
+            self._guard.learn_announced(shared.announced)
+        self._markets_loaded_at = shared.loaded_at
+
+    def _load_markets(self) -> "_SharedMarkets":
+        self._announced = None
+        self._request(self.profile.markets_weight, lambda: self.exchange.load_markets(reload=True))
+        # A snapshot, not this instance: its attributes are replaced one by one by its next reload.
+        source = SimpleNamespace(
+            id=self.exchange.id,
+            options=dict(self.exchange.options),
+            **{name: getattr(self.exchange, name) for name in _MARKET_ATTRIBUTES},
+        )
+        shared = _SharedMarkets(time.monotonic(), source, self._announced)
+        with _markets_lock:
+            _markets_cache[self._markets_key] = shared
+        return shared
 
     def page_limit(self) -> int:
         if self.profile.page_limit:

@@ -5,12 +5,14 @@ through `exchanges.RETRY_POLICY`.
 """
 
 import re
+import threading
 import urllib.request
 from datetime import UTC, datetime
 from urllib.error import HTTPError
 
 import ccxt
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from apps.connectors import exchanges
@@ -351,3 +353,44 @@ def test_an_announced_limit_above_the_configured_one_changes_nothing(client, fak
     client.markets()
     row = RateLimit.objects.get(exchange_id="binance")
     assert (row.announced_weight_per_minute, row.capped, row.capacity, row.refill_per_second) == (6000, False, 300, 90)
+
+
+@pytest.mark.django_db(transaction=True)  # the threads' own connections must see the connector's bucket
+def test_threads_share_one_markets_load_and_its_parsed_markets(fake):
+    connector = Connector.objects.create(exchange_id="binance", options=fake.ccxt_options(timeout=300))
+    fake.latency = 0.2  # every thread asks while the first load is still on its way
+    barrier = threading.Barrier(8)
+    clients: list[CcxtClient] = []
+
+    def work() -> None:
+        client = get_client(connector)  # one client per thread, as the scheduler's workers have
+        clients.append(client)
+        barrier.wait()
+        try:
+            client.markets()
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert fake.counts["requests"] == 1  # one exchangeInfo for the process, not one per thread
+    assert len({id(client) for client in clients}) == 8
+    assert all(client.exchange.markets is clients[0].exchange.markets for client in clients)  # not re-parsed
+
+
+def test_stale_markets_serve_while_another_thread_reloads_them(connector, fake, monkeypatch):
+    client = get_client(connector)
+    client.markets()
+    monkeypatch.setattr(exchanges, "MARKETS_TTL_SECONDS", 0.0)  # everything loaded is stale now
+    loading = exchanges._markets_loading[client._markets_key]
+    assert loading.acquire(blocking=False)  # as another thread reloading would hold it
+    try:
+        assert client.markets() == ["BTC/USDT", "ETH/USDT"]
+        assert fake.counts["requests"] == 1  # no second load, and no wait for the other thread's
+    finally:
+        loading.release()
+    client.markets()
+    assert fake.counts["requests"] == 2  # once nobody else is loading, the stale markets are reloaded
