@@ -9,7 +9,7 @@ from rest_framework.settings import api_settings
 
 from apps.connectors.models import Connector, Market
 from apps.connectors.serializers import full_clean_or_400
-from apps.jobs.models import Job, Run, validate_symbol, validate_timeframe
+from apps.jobs.models import Job, Run, Task, validate_symbol, validate_timeframe
 from apps.marketdata.timeframes import ms_to_datetime
 
 # Statuses an operator may set; `error` is the collector's verdict, cleared by resuming.
@@ -270,5 +270,28 @@ class RunSerializer(serializers.HyperlinkedModelSerializer):
             "requests",
             "rate_limit_wait",
             "error",
+        ]
+        read_only_fields = fields
+
+
+class TaskSerializer(serializers.ModelSerializer):
+    created_by = serializers.CharField(source="created_by.get_username", read_only=True, allow_null=True, default=None)
+
+    class Meta:
+        model = Task
+        fields = [
+            "id",
+            "kind",
+            "status",
+            "params",
+            "progress",
+            "message",
+            "result",
+            "error",
+            "attempts",
+            "created_by",
+            "created_at",
+            "started_at",
+            "finished_at",
         ]
         read_only_fields = fields

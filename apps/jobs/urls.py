@@ -6,5 +6,6 @@ from apps.jobs import views
 router = SimpleRouter()
 router.register("jobs", views.JobViewSet)
 router.register("runs", views.RunViewSet)
+router.register("tasks", views.TaskViewSet)
 
 urlpatterns: list = []

@@ -2,6 +2,7 @@ from datetime import datetime, timedelta
 
 import django_filters
 from django.core.exceptions import ValidationError
+from django.db.models import QuerySet
 from django_filters.fields import IsoDateTimeField
 from django_filters.rest_framework import DjangoFilterBackend
 from drf_spectacular.utils import OpenApiExample, extend_schema, extend_schema_view
@@ -10,8 +11,8 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from apps.jobs.models import Job, Run
-from apps.jobs.serializers import BulkJobSerializer, JobSerializer, RunSerializer
+from apps.jobs.models import Job, Run, Task
+from apps.jobs.serializers import BulkJobSerializer, JobSerializer, RunSerializer, TaskSerializer
 from datacollector.filters import SearchFilter
 
 
@@ -159,3 +160,19 @@ class RunViewSet(viewsets.ReadOnlyModelViewSet):
     filter_backends = [DjangoFilterBackend, filters.OrderingFilter]
     filterset_class = RunFilter
     ordering_fields = ["started_at", "finished_at", "candles_fetched", "candles_written", "requests", "rate_limit_wait"]
+
+
+class TaskViewSet(viewsets.ReadOnlyModelViewSet):
+    """Background work (exports, indicator recomputes, purges, market refreshes): what to poll after a 202.
+    Users see the tasks they queued; staff see every task."""
+
+    queryset = Task.objects.select_related("created_by")
+    serializer_class = TaskSerializer
+    filter_backends = [DjangoFilterBackend, filters.OrderingFilter]
+    filterset_fields = ["kind", "status"]
+    ordering_fields = ["created_at", "finished_at"]
+
+    def get_queryset(self) -> QuerySet:
+        tasks = super().get_queryset()
+        user = self.request.user
+        return tasks if user.is_staff or user.is_superuser else tasks.filter(created_by=user)

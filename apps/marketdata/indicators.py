@@ -61,14 +61,19 @@ bit for bit (tests/marketdata/test_indicators.py checks them against `ta` itself
 import dataclasses
 import functools
 import math
+import threading
+import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
 import pandas as pd
+from django.db import connection
 
+from apps.connectors.exchanges import is_known_exchange
 from apps.marketdata import store
-from apps.marketdata.timeframes import timeframe_ms
-from datacollector.config import BollingerConfig, ConfigError, IndicatorConfig, MacdConfig, get_config
+from apps.marketdata.models import IndicatorConfig as StoredIndicatorConfig
+from apps.marketdata.timeframes import is_valid_timeframe, timeframe_error, timeframe_ms
+from datacollector.config import BollingerConfig, ConfigError, IndicatorConfig, MacdConfig, get_config, parse_indicators
 
 EPSILON = 1e-10
 PRICE_SEED_BOUND = 10.0
@@ -318,7 +323,75 @@ def _columns(config: IndicatorConfig) -> tuple[Column, ...]:
 
 
 def indicator_set(config: IndicatorConfig | None = None) -> IndicatorSet:
-    return _indicator_set(config if config is not None else get_config().indicators)
+    return _indicator_set(config if config is not None else configured_indicators())
+
+
+# A process reads the stored indicator set at most this often (collection asks for it on every run).
+CONFIG_CACHE_SECONDS = 5.0
+_config_cache: tuple[float, IndicatorConfig | None] | None = None
+_config_lock = threading.Lock()
+
+
+def configured_indicators() -> IndicatorConfig:
+    """The indicator set in force: the one stored in the database (PUT /api/v1/indicators/config), else
+    collector.yaml's `indicators` section.
+
+    The database is read at most every CONFIG_CACHE_SECONDS per process, so a change reaches every
+    scheduler within that; inside a transaction it is read afresh (what the transaction sees).
+    """
+    global _config_cache
+    cacheable = not connection.in_atomic_block
+    now = time.monotonic()
+    with _config_lock:
+        cached = _config_cache
+    if cacheable and cached is not None and now - cached[0] < CONFIG_CACHE_SECONDS:
+        stored = cached[1]
+    else:
+        raw = StoredIndicatorConfig.objects.stored()
+        # Validated when it was stored; parsed again here so that there is one way in.
+        stored = parse_indicators(raw) if raw is not None else None
+        if cacheable:
+            with _config_lock:
+                _config_cache = (now, stored)
+    return stored if stored is not None else get_config().indicators
+
+
+def forget_configured_indicators() -> None:
+    """Read the stored indicator set afresh next time (after this process changed it)."""
+    global _config_cache
+    with _config_lock:
+        _config_cache = None
+
+
+def indicators_yaml(config: IndicatorConfig) -> dict:
+    """`config` in the form of collector.yaml's section (and the API's body): lists and mappings."""
+    return {
+        "rsi": list(config.rsi),
+        "ema": list(config.ema),
+        "sma": list(config.sma),
+        "macd": [dataclasses.asdict(macd) for macd in config.macd],
+        "bollinger": [dataclasses.asdict(bollinger) for bollinger in config.bollinger],
+    }
+
+
+def describe_indicators(config: IndicatorConfig) -> list[dict]:
+    """Each configured indicator: its family, parameters, output columns and warm-up (candles of history
+    before its first stored value, as computed for the whole set)."""
+    empty = IndicatorConfig(rsi=(), ema=(), sma=(), macd=(), bollinger=())
+    entries = []
+    for family in ("sma", "ema", "rsi", "macd", "bollinger"):
+        for item in _unique(getattr(config, family)):
+            params = dataclasses.asdict(item) if dataclasses.is_dataclass(item) else {"period": item}
+            columns = indicator_set(dataclasses.replace(empty, **{family: (item,)})).columns
+            entries.append(
+                {
+                    "indicator": family,
+                    "params": params,
+                    "columns": [column.name for column in columns],
+                    "warmup": max(column.stable_from for column in columns),
+                }
+            )
+    return entries
 
 
 @functools.lru_cache(maxsize=16)
@@ -387,3 +460,67 @@ def _read_window(
         if first is None or first >= start:
             return ts, close, skip, True
         span *= 4
+
+
+# --- Recomputing stored series ------------------------------------------------------------------------
+
+
+class SeriesSelectionError(ValueError):
+    """A selection of stored series that names something not stored; `field` is what it names
+    (exchange_id, symbols, timeframes, or series for symbols and timeframes together)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+def stored_series(exchange_id: str, symbols: list[str], timeframes: list[str]) -> list[store.SeriesCoverage]:
+    """The stored series of `exchange_id` (only `symbols` and `timeframes`, when given); every value that
+    matches nothing is a SeriesSelectionError naming it. The one check `recompute_indicators` and the API's
+    compute share."""
+    if not is_known_exchange(exchange_id):
+        raise SeriesSelectionError(
+            "exchange_id", f"{exchange_id!r} is not a ccxt exchange id (e.g. binance) or simulated."
+        )
+    bad = [timeframe for timeframe in timeframes if not is_valid_timeframe(timeframe)]
+    if bad:
+        raise SeriesSelectionError("timeframes", f"{bad[0]}: {timeframe_error(bad[0])}")
+    stored = [s for s in store.list_series_coverage() if s.exchange_id == exchange_id]
+    if not stored:
+        raise SeriesSelectionError("exchange_id", f"{exchange_id!r} has no stored candles; nothing to recompute.")
+    for field, wanted, have in (
+        ("symbols", symbols, {s.symbol for s in stored}),
+        ("timeframes", timeframes, {s.timeframe for s in stored}),
+    ):
+        missing = [value for value in wanted if value not in have]
+        if missing:
+            raise SeriesSelectionError(
+                field, f"{', '.join(missing)}: no stored candles on {exchange_id}; stored: {', '.join(sorted(have))}."
+            )
+    selected = [
+        s for s in stored if (not symbols or s.symbol in symbols) and (not timeframes or s.timeframe in timeframes)
+    ]
+    if not selected:
+        raise SeriesSelectionError(
+            "series",
+            f"select no stored series on {exchange_id} "
+            f"(stored: {', '.join(f'{s.symbol} {s.timeframe}' for s in stored)}).",
+        )
+    return selected
+
+
+def run_compute_task(task) -> dict:
+    """The `indicators` background task (apps.jobs.tasks): rebuild the indicators of the stored series that
+    `task.params` selects (exchange_id, symbols, timeframes) with the indicator set in force, as
+    `recompute_indicators` does; progress per series."""
+    params = task.params
+    series = stored_series(params["exchange_id"], params.get("symbols") or [], params.get("timeframes") or [])
+    config = configured_indicators()
+    total = sum(s.count for s in series) or 1
+    done = rows = 0
+    for s in series:
+        task.report(done / total, f"{s.symbol} {s.timeframe}")
+        rows += recompute_series(s.exchange_id, s.symbol, s.timeframe, config)
+        done += s.count
+    return {"series": len(series), "rows": rows, "columns": indicator_set(config).names}

@@ -200,3 +200,28 @@ class Export(models.Model):
 
     def is_expired(self, now=None) -> bool:
         return self.expires_at is not None and self.expires_at <= (now or timezone.now())
+
+
+class IndicatorConfigQuerySet(models.QuerySet):
+    def stored(self) -> dict | None:
+        """The indicator section stored by PUT /api/v1/indicators/config (its YAML form), or None."""
+        return self.filter(pk=IndicatorConfig.SINGLETON).values_list("config", flat=True).first()
+
+
+class IndicatorConfig(models.Model):
+    """The indicator set in force when an operator stored one (the API's PUT); without this row, the
+    `indicators` section of collector.yaml. One row, validated exactly as that section is."""
+
+    SINGLETON = 1
+
+    config = models.JSONField(help_text="The `indicators` section in its YAML form: rsi, ema, sma, macd, bollinger.")
+    updated_at = models.DateTimeField(auto_now=True)
+    updated_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+
+    objects = IndicatorConfigQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "indicator configuration"
+
+    def __str__(self) -> str:
+        return "indicator configuration"

@@ -285,3 +285,15 @@ class ExportSerializer(serializers.ModelSerializer):
         path = reverse("data-export-download", kwargs={"pk": export.pk})
         request = self.context.get("request")
         return request.build_absolute_uri(path) if request is not None else path
+
+
+class IndicatorComputeSerializer(serializers.Serializer):
+    """Which stored series to rebuild the indicators of: one exchange, optionally some symbols and timeframes."""
+
+    exchange_id = serializers.CharField(max_length=64)
+    symbols = serializers.ListField(
+        child=serializers.CharField(max_length=64), required=False, default=list, max_length=500
+    )
+    timeframes = serializers.ListField(
+        child=serializers.CharField(max_length=8), required=False, default=list, max_length=20
+    )

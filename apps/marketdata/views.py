@@ -5,28 +5,40 @@ from django.http import FileResponse, Http404, StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema
 from rest_framework.decorators import api_view, permission_classes, renderer_classes
 from rest_framework.exceptions import ValidationError
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.renderers import BaseRenderer, BrowsableAPIRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
+from rest_framework.views import APIView
 
 from apps.jobs.models import Task
 from apps.marketdata import exports, store
-from apps.marketdata.indicators import indicator_set
-from apps.marketdata.models import Export
+from apps.marketdata.indicators import (
+    SeriesSelectionError,
+    configured_indicators,
+    describe_indicators,
+    forget_configured_indicators,
+    indicator_set,
+    indicators_yaml,
+    stored_series,
+)
+from apps.marketdata.models import Export, IndicatorConfig
 from apps.marketdata.serializers import (
     CSVRenderer,
     ExportRequestSerializer,
     ExportSerializer,
+    IndicatorComputeSerializer,
     SeriesQuerySerializer,
     candle_dict,
     csv_stream,
     cursor_page,
     format_time,
 )
+from datacollector.config import ConfigError, parse_indicators
 from datacollector.permissions import requires
 from datacollector.schema import ErrorSerializer
 
@@ -225,3 +237,121 @@ def export_download(request: Request, pk: int) -> Response | FileResponse:
 
 
 export_download.cls.content_negotiation_class = IgnoreAccept
+
+
+# --- Indicators: the set in force, its configuration, and recomputes ------------------------------------
+
+
+def _indicator_source() -> dict:
+    row = IndicatorConfig.objects.filter(pk=IndicatorConfig.SINGLETON).select_related("updated_by").first()
+    if row is None:
+        return {"source": "collector.yaml", "updated_at": None, "updated_by": None}
+    return {
+        "source": "database",
+        "updated_at": row.updated_at,
+        "updated_by": row.updated_by.get_username() if row.updated_by else None,
+    }
+
+
+class IndicatorListView(APIView):
+    """Each configured indicator: its parameters, output columns and warm-up (candles of history before its
+    first stored value); `warmup` is the set's, what an update reads before its first new row."""
+
+    permission_classes = [requires("marketdata.view_indicatorrow")]
+
+    @extend_schema(responses=OpenApiTypes.OBJECT)
+    def get(self, request: Request) -> Response:
+        config = configured_indicators()
+        indicators = describe_indicators(config)
+        return Response(
+            {
+                **_indicator_source(),
+                "count": len(indicators),
+                "warmup": indicator_set(config).warmup,
+                "columns": indicator_set(config).names,
+                "indicators": indicators,
+            }
+        )
+
+
+class IndicatorConfigView(APIView):
+    """The indicator set in force, in the form of collector.yaml's `indicators` section. PUT stores one in the
+    database (validated as the YAML is; it applies to every scheduler within seconds, to candles collected
+    from then on: POST /api/v1/indicators/compute rebuilds stored series); DELETE goes back to the YAML's."""
+
+    permission_classes = [requires("marketdata.view_indicatorconfig")]
+
+    def get_permissions(self) -> list:
+        perms = {"PUT": "marketdata.change_indicatorconfig", "DELETE": "marketdata.delete_indicatorconfig"}
+        needed = perms.get(self.request.method)
+        return [requires(needed)()] if needed else super().get_permissions()
+
+    def _body(self) -> dict:
+        return {**_indicator_source(), "config": indicators_yaml(configured_indicators())}
+
+    @extend_schema(responses=OpenApiTypes.OBJECT)
+    def get(self, request: Request) -> Response:
+        return Response(self._body())
+
+    @extend_schema(
+        request=OpenApiTypes.OBJECT,
+        responses=OpenApiTypes.OBJECT,
+        examples=[
+            OpenApiExample(
+                "Short periods",
+                value={"rsi": [14], "ema": [9, 21], "sma": [50], "macd": [{"fast": 12, "slow": 26, "signal": 9}]},
+                request_only=True,
+            )
+        ],
+    )
+    def put(self, request: Request) -> Response:
+        try:
+            config = parse_indicators(request.data)
+        except ConfigError as error:
+            raise ValidationError({_config_field(str(error)): [str(error)]}) from None
+        IndicatorConfig.objects.update_or_create(
+            pk=IndicatorConfig.SINGLETON, defaults={"config": indicators_yaml(config), "updated_by": request.user}
+        )
+        forget_configured_indicators()
+        return Response(self._body())
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: Request) -> Response:
+        IndicatorConfig.objects.filter(pk=IndicatorConfig.SINGLETON).delete()
+        forget_configured_indicators()
+        return Response(status=204)
+
+
+def _config_field(message: str) -> str:
+    """The body key a ConfigError message names ("indicators.macd[0].fast: ..." -> "macd")."""
+    key = message.split(":", 1)[0]
+    if not key.startswith("indicators."):
+        return api_settings.NON_FIELD_ERRORS_KEY
+    return key.removeprefix("indicators.").split(".")[0].split("[")[0]
+
+
+class IndicatorComputeView(APIView):
+    """Rebuild the indicators of stored series with the set in force, in the background: 202 with the task
+    to poll (GET /api/v1/tasks/{id})."""
+
+    permission_classes = [requires("marketdata.change_indicatorrow")]
+
+    @extend_schema(request=IndicatorComputeSerializer, responses={202: OpenApiTypes.OBJECT})
+    def post(self, request: Request) -> Response:
+        serializer = IndicatorComputeSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        params = serializer.validated_data
+        try:
+            series = stored_series(params["exchange_id"], params["symbols"], params["timeframes"])
+        except SeriesSelectionError as error:
+            if error.field == "series":
+                message = f"symbols and timeframes {error.message}"
+                raise ValidationError({api_settings.NON_FIELD_ERRORS_KEY: [message]}) from None
+            raise ValidationError({error.field: [error.message]}) from None
+        task = Task.objects.enqueue(Task.Kind.INDICATORS, params, request.user)
+        url = reverse("task-detail", args=[task.pk])
+        return Response(
+            {"task": task.pk, "status": task.status, "series": len(series), "url": request.build_absolute_uri(url)},
+            status=202,
+            headers={"Location": url},
+        )

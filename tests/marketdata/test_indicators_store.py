@@ -61,7 +61,8 @@ def assert_equals_full_recompute(indicators: IndicatorSet, tolerance: float = 1e
 
 
 @pytest.fixture
-def default_set() -> IndicatorSet:
+def default_set(db) -> IndicatorSet:
+    # The set in force is read from the database (an operator may have stored one), else collector.yaml.
     return indicator_set()
 
 

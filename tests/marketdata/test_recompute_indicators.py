@@ -92,7 +92,7 @@ def test_every_stored_series_of_the_exchange_by_default(sql_store):
         (["--exchange", "binance"], "--exchange 'binance' has no stored candles"),
         (["--exchange", "simulated", "--symbol", "DOGE/USDT"], "--symbol DOGE/USDT: no stored candles on simulated"),
         (["--exchange", "simulated", "--timeframe", "5m"], "--timeframe 5m: no stored candles on simulated"),
-        (["--exchange", "simulated", "--timeframe", "fast"], "--timeframe: Timeframe 'fast' is not well formed"),
+        (["--exchange", "simulated", "--timeframe", "fast"], "--timeframe fast: Timeframe 'fast' is not well formed"),
         (
             ["--exchange", "simulated", "--symbol", "ETH/USDT", "--timeframe", "1m"],
             "--symbol and --timeframe select no stored series",

@@ -13,11 +13,17 @@ import time
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
-from apps.connectors.exchanges import is_known_exchange
 from apps.marketdata import store
-from apps.marketdata.indicators import indicator_set, recompute_series
-from apps.marketdata.timeframes import is_valid_timeframe, timeframe_error
+from apps.marketdata.indicators import SeriesSelectionError, indicator_set, recompute_series, stored_series
 from datacollector.config import ConfigError
+
+# The option naming each field of a selection (stored_series).
+OPTIONS = {
+    "exchange_id": "--exchange",
+    "symbols": "--symbol",
+    "timeframes": "--timeframe",
+    "series": "--symbol and --timeframe",
+}
 
 
 def _split(value: str | None) -> list[str]:
@@ -62,32 +68,7 @@ class Command(BaseCommand):
 
     def select_series(self, options: dict) -> list[store.SeriesCoverage]:
         """The stored series matching the options; every option that matches nothing is an error naming it."""
-        exchange_id = options["exchange"].strip()
-        symbols, timeframes = _split(options["symbol"]), _split(options["timeframe"])
-        if not is_known_exchange(exchange_id):
-            raise CommandError(f"--exchange {exchange_id!r} is not a ccxt exchange id (e.g. binance) or simulated.")
-        bad = [t for t in timeframes if not is_valid_timeframe(t)]
-        if bad:
-            raise CommandError(f"--timeframe: {timeframe_error(bad[0])}")
-        stored = [s for s in store.list_series_coverage() if s.exchange_id == exchange_id]
-        if not stored:
-            raise CommandError(f"--exchange {exchange_id!r} has no stored candles; nothing to recompute.")
-        for option, wanted, have in (
-            ("--symbol", symbols, {s.symbol for s in stored}),
-            ("--timeframe", timeframes, {s.timeframe for s in stored}),
-        ):
-            missing = [value for value in wanted if value not in have]
-            if missing:
-                raise CommandError(
-                    f"{option} {', '.join(missing)}: no stored candles on {exchange_id}; "
-                    f"stored: {', '.join(sorted(have))}."
-                )
-        selected = [
-            s for s in stored if (not symbols or s.symbol in symbols) and (not timeframes or s.timeframe in timeframes)
-        ]
-        if not selected:
-            raise CommandError(
-                f"--symbol and --timeframe select no stored series on {exchange_id} "
-                f"(stored: {', '.join(f'{s.symbol} {s.timeframe}' for s in stored)})."
-            )
-        return selected
+        try:
+            return stored_series(options["exchange"].strip(), _split(options["symbol"]), _split(options["timeframe"]))
+        except SeriesSelectionError as error:
+            raise CommandError(f"{OPTIONS[error.field]} {error.message}") from None
