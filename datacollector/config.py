@@ -120,6 +120,20 @@ _POSITIVE = {
 }
 
 
+# Upper bounds of indicator parameters: a window longer than this is no indicator anyone collects, and
+# the warm-up history an update reads grows with it (an EMA reads ~13 periods back).
+_MAXIMUM = {
+    "rsi": 10_000,
+    "ema": 10_000,
+    "sma": 10_000,
+    "period": 10_000,
+    "fast": 10_000,
+    "slow": 10_000,
+    "signal": 10_000,
+    "std": 100,
+}
+
+
 def _type_name(tp: typing.Any) -> str:
     origin = typing.get_origin(tp)
     if origin is tuple:
@@ -179,6 +193,8 @@ def _convert(value: typing.Any, tp: typing.Any, key: str) -> typing.Any:
             raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
         if value < 0:
             raise ConfigError(f"{key}: must not be negative, got {value!r}")
+        if key.startswith("indicators.") and leaf in _MAXIMUM and value > _MAXIMUM[leaf]:
+            raise ConfigError(f"{key}: must be at most {_MAXIMUM[leaf]}, got {value!r}")
         return tp(value)
     if tp is str:
         if not isinstance(value, str):

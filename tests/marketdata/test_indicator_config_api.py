@@ -65,6 +65,12 @@ def test_put_stores_a_set_that_collection_then_uses_and_delete_goes_back_to_the_
     ("body", "field", "message"),
     [
         ({"rsi": [0]}, "rsi", "indicators.rsi[0]: must be greater than 0, got 0"),
+        ({"sma": [20, 10**20]}, "sma", "indicators.sma[1]: must be at most 10000, got 100000000000000000000"),
+        (
+            {"bollinger": [{"period": 20, "std": 1e300}]},
+            "bollinger",
+            "indicators.bollinger[0].std: must be at most 100",
+        ),
         ({"ema": "12"}, "ema", "indicators.ema: expected a list of integers, got '12'"),
         (
             {"macd": [{"fast": 26, "slow": 12, "signal": 9}]},
