@@ -26,6 +26,7 @@ class ApiRouter(DefaultRouter):
         "data/ohlcv": "data-ohlcv",
         "data/indicators": "data-indicators",
         "system/status": "system-status",
+        "indicators": "indicator-list",
         "auth/token": "api-token",
     }
 
