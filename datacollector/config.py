@@ -13,6 +13,8 @@ from pathlib import Path
 import yaml
 from django.conf import settings
 
+from apps.marketdata.timeframes import is_valid_timeframe, timeframe_error
+
 
 class ConfigError(Exception):
     pass
@@ -86,12 +88,23 @@ class RetryConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RetentionConfig:
+    """Days candles are kept, per timeframe ({"1m": 90}); a timeframe not listed keeps everything.
+
+    A connector's retention_days, when set, takes the place of these for its exchange.
+    """
+
+    days: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class CollectorConfig:
     rate_limits: dict[str, RateLimitConfig]
     indicators: IndicatorConfig = IndicatorConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     collection: CollectionConfig = CollectionConfig()
     retry: RetryConfig = RetryConfig()
+    retention: RetentionConfig = RetentionConfig()
 
     def rate_limit_for(self, exchange_id: str) -> RateLimitConfig:
         return self.rate_limits.get(exchange_id) or self.rate_limits["default"]
@@ -235,6 +248,14 @@ def load_config(path: str | Path) -> CollectorConfig:
             f"{path}: scheduler.lost_after_seconds ({config.scheduler.lost_after_seconds:g}) must exceed "
             f"scheduler.heartbeat_seconds ({config.scheduler.heartbeat_seconds:g})"
         )
+    for timeframe, days in config.retention.days.items():
+        if not is_valid_timeframe(timeframe):
+            raise ConfigError(f"{path}: retention.days.{timeframe}: {timeframe_error(timeframe)}")
+        if days <= 0:
+            raise ConfigError(
+                f"{path}: retention.days.{timeframe}: must be a number of days greater than 0, got {days!r} "
+                "(leave the timeframe out to keep everything)"
+            )
     try:
         _check_indicators(config.indicators)
     except ConfigError as exc:

@@ -7,6 +7,7 @@ from rest_framework.routers import DefaultRouter
 
 from apps.connectors.urls import router as connectors_router
 from apps.jobs.urls import router as jobs_router
+from apps.marketdata.urls import router as marketdata_router
 from apps.ratelimits.urls import router as ratelimits_router
 from datacollector.views import obtain_token
 
@@ -25,6 +26,7 @@ class ApiRouter(DefaultRouter):
         "exchanges": "exchange-list",
         "data/ohlcv": "data-ohlcv",
         "data/indicators": "data-indicators",
+        "data/coverage": "data-coverage",
         "system/status": "system-status",
         "indicators": "indicator-list",
         "auth/token": "api-token",
@@ -37,7 +39,7 @@ class ApiRouter(DefaultRouter):
 
 
 api_router = ApiRouter()
-for app_router in (connectors_router, jobs_router, ratelimits_router):
+for app_router in (connectors_router, jobs_router, ratelimits_router, marketdata_router):
     api_router.registry.extend(app_router.registry)
 # Accept paths with or without the trailing slash: a POST to `jobs/bulk` must not hit APPEND_SLASH's
 # redirect (which cannot carry a body) and fail.

@@ -78,6 +78,7 @@ class ConnectorAdmin(admin.ModelAdmin):
             "Rate limit (empty: the collector.yaml default)",
             {"fields": ["rate_limit_weight_per_minute", "rate_limit_burst"]},
         ),
+        ("Retention (empty: collector.yaml's period per timeframe)", {"fields": ["retention_days"]}),
         (
             "Credentials: names of environment variables, never the keys",
             {"fields": ["api_key_env", "api_secret_env", "api_password_env"]},

@@ -7,6 +7,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
 from django.db import models, transaction
 from django.utils import timezone
 
@@ -166,6 +167,12 @@ class Connector(models.Model):
     )
     rate_limit_burst = models.PositiveIntegerField(
         null=True, blank=True, help_text="Bucket capacity (burst). Blank: the default from collector.yaml."
+    )
+    retention_days = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Days this exchange's candles are kept (every timeframe). Blank: collector.yaml's retention.",
     )
     api_key_env = models.CharField(
         max_length=100, blank=True, help_text="Name of the environment variable holding the API key (never the key)."

@@ -51,6 +51,7 @@ class ConnectorSerializer(serializers.HyperlinkedModelSerializer):
             "options",
             "rate_limit_weight_per_minute",
             "rate_limit_burst",
+            "retention_days",
             "api_key_env",
             "api_secret_env",
             "api_password_env",

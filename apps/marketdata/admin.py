@@ -2,14 +2,17 @@ from datetime import datetime
 
 from django import forms
 from django.contrib import admin, messages
-from django.db.models import Count, Q, QuerySet, Sum
+from django.core.paginator import Paginator
+from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
+from django.utils import timezone
 
 from apps.marketdata import charts, store
-from apps.marketdata.models import Gap
-from apps.marketdata.timeframes import is_valid_timeframe, ms_to_datetime, slot_count, timeframe_error
+from apps.marketdata.coverage import StatisticsList, coverage_rows
+from apps.marketdata.models import Anomaly, Gap
+from apps.marketdata.timeframes import is_valid_timeframe, ms_to_datetime, timeframe_error
 
 # No Candle admin on purpose: the changelist counts the table on every page and offers to order and
 # filter by unindexed columns, which on millions of rows is a denial of service. The series overview
@@ -35,6 +38,9 @@ class SeriesChartForm(forms.Form):
 
     def clean_candles(self) -> int:
         return self.cleaned_data["candles"] or 300
+
+
+SERIES_PER_PAGE = 500
 
 
 def _time(ts: int | None) -> datetime | None:
@@ -118,34 +124,45 @@ class GapAdmin(admin.ModelAdmin):
         return TemplateResponse(request, "admin/marketdata/series_chart.html", context)
 
     def series_overview(self, request: HttpRequest) -> TemplateResponse:
-        """Every stored series with its coverage and gap totals (one pass over the candle index)."""
-        gap_totals = {
-            (row["exchange_id"], row["symbol"], row["timeframe"]): row
-            for row in Gap.objects.values("exchange_id", "symbol", "timeframe").annotate(
-                open_gaps=Count("pk", filter=Q(status=Gap.Status.OPEN)),
-                open_missing=Sum("missing", filter=Q(status=Gap.Status.OPEN), default=0),
-                confirmed_missing=Sum("missing", filter=Q(status=Gap.Status.CONFIRMED_EMPTY), default=0),
-            )
-        }
-        rows = []
-        for series in store.list_series_coverage():
-            key = (series.exchange_id, series.symbol, series.timeframe)
-            expected = slot_count(series.timeframe, series.first_ts, series.last_ts)
-            rows.append(
-                {
-                    "series": series,
-                    "first": _time(series.first_ts),
-                    "last": _time(series.last_ts),
-                    "expected": expected,
-                    "complete": f"{100 * series.count / expected:.2f}%" if expected else "",
-                    "gaps": gap_totals.get(key, {}),
-                }
-            )
+        """Every stored series with its coverage, from the store's per-series statistics (as the coverage
+        API): no candle is counted, so the page costs the same with millions of them."""
+        page = Paginator(StatisticsList(), SERIES_PER_PAGE).get_page(request.GET.get("page"))
+        rows = [
+            {
+                **row,
+                "first": _time(row["first_ts"]),
+                "last": _time(row["last_ts"]),
+                "complete": f"{100 * row['completeness']:.2f}%",
+            }
+            for row in coverage_rows(list(page.object_list), timezone.now())
+        ]
         context = {
             **self.admin_site.each_context(request),
             "opts": self.model._meta,
             "title": "Stored series",
             "rows": rows,
+            "page": page,
             "backend": store.backend_name(),
         }
         return TemplateResponse(request, "admin/marketdata/series_overview.html", context)
+
+
+@admin.register(Anomaly)
+class AnomalyAdmin(admin.ModelAdmin):
+    """Candles stored as the exchange sent them that break an OHLC invariant (read-only: the store keeps
+    them in step with the candles)."""
+
+    list_display = ["exchange_id", "symbol", "timeframe", "time", "kind", "open", "high", "low", "close", "detected_at"]
+    list_filter = ["kind", "exchange_id", "timeframe"]
+    search_fields = ["symbol"]
+    readonly_fields = [f.name for f in Anomaly._meta.fields] + ["time"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Anomaly | None = None) -> bool:
+        return False
+
+    @admin.display(description="Candle open (UTC)", ordering="ts")
+    def time(self, anomaly: Anomaly) -> datetime | None:
+        return _time(anomaly.ts)

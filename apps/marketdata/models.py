@@ -145,6 +145,122 @@ class Gap(models.Model):
         self.refresh_from_db(fields=["attempts", "status", "updated_at"])
 
 
+class SeriesStatistics(models.Model):
+    """What the SQL store knows about each of its series without counting candles: kept current by every
+    upsert and delete (sqlstore.py), read by the coverage API and the admin's stored-series page.
+
+    The MongoDB store keeps the same fields as documents of its `series_stats` collection. The natural
+    key is the primary key, as for IndicatorRow.
+    """
+
+    pk = models.CompositePrimaryKey("exchange_id", "symbol", "timeframe")
+    exchange_id = models.CharField(max_length=64)
+    symbol = models.CharField(max_length=64)
+    timeframe = models.CharField(max_length=8)
+    first_ts = models.BigIntegerField(help_text="Open time of the oldest stored candle, UTC ms.")
+    last_ts = models.BigIntegerField(help_text="Open time of the newest stored candle, UTC ms.")
+    candles = models.BigIntegerField(default=0, help_text="Candles stored.")
+    anomalies = models.BigIntegerField(default=0, help_text="Stored candles breaking OHLC invariants.")
+    last_collected_at = models.DateTimeField(null=True, blank=True, help_text="Time of the last upsert.")
+
+    class Meta:
+        verbose_name_plural = "series statistics"
+
+    def __str__(self) -> str:
+        return f"{self.exchange_id} {self.symbol} {self.timeframe}"
+
+
+class AnomalyQuerySet(models.QuerySet):
+    def for_series(self, exchange_id: str, symbol: str, timeframe: str) -> "AnomalyQuerySet":
+        return self.filter(exchange_id=exchange_id, symbol=symbol, timeframe=timeframe)
+
+    def within(self, start_ts: int | None, end_ts: int | None) -> "AnomalyQuerySet":
+        queryset = self
+        if start_ts is not None:
+            queryset = queryset.filter(ts__gte=start_ts)
+        if end_ts is not None:
+            queryset = queryset.filter(ts__lte=end_ts)
+        return queryset
+
+    def record(self, exchange_id: str, symbol: str, timeframe: str, flagged: list[tuple], revised_ts: list[int]) -> int:
+        """Bring the series' anomalies in line with a written batch; returns the change in their number.
+
+        `flagged` holds (ts, kind, open, high, low, close) of the batch's candles that break an invariant;
+        anomalies at `revised_ts` (candles the batch rewrote) that are not flagged any more are removed.
+        The portable path (SQLite, MongoDB); PostgreSQL does the same inside its upsert statement.
+        """
+        series = self.for_series(exchange_id, symbol, timeframe)
+        delta = 0
+        if revised_ts:
+            keep = {(row[0], row[1]) for row in flagged}
+            stale = [
+                pk
+                for pk, ts, kind in series.filter(ts__in=revised_ts).values_list("pk", "ts", "kind")
+                if (ts, kind) not in keep
+            ]
+            if stale:
+                delta -= series.filter(pk__in=stale).delete()[0]
+        if flagged:
+            existing = set(series.filter(ts__in=[row[0] for row in flagged]).values_list("ts", "kind"))
+            delta += sum(1 for row in flagged if (row[0], row[1]) not in existing)
+            self.bulk_create(
+                [
+                    Anomaly(
+                        exchange_id=exchange_id,
+                        symbol=symbol,
+                        timeframe=timeframe,
+                        ts=ts,
+                        kind=kind,
+                        open=o,
+                        high=h,
+                        low=lo,
+                        close=c,
+                    )
+                    for ts, kind, o, h, lo, c in flagged
+                ],
+                update_conflicts=True,
+                unique_fields=["exchange_id", "symbol", "timeframe", "ts", "kind"],
+                update_fields=["open", "high", "low", "close"],
+            )
+        return delta
+
+
+class Anomaly(models.Model):
+    """A stored candle that breaks an OHLC invariant, one row per (series, ts, kind).
+
+    The candle itself is stored as the exchange sent it (a faithful record); this row says it is odd.
+    Written by the store in the same upsert call as the candle, only for such candles, and removed when
+    a revision of the candle fixes it or the candle is deleted.
+    """
+
+    class Kind(models.TextChoices):
+        HIGH_BELOW = "high_below", "high below open, close or low"
+        LOW_ABOVE = "low_above", "low above open or close"
+
+    exchange_id = models.CharField(max_length=64)
+    symbol = models.CharField(max_length=64)
+    timeframe = models.CharField(max_length=8)
+    ts = models.BigIntegerField(help_text="Open time of the candle, UTC ms.")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    open = models.FloatField()
+    high = models.FloatField()
+    low = models.FloatField()
+    close = models.FloatField()
+    detected_at = models.DateTimeField(default=timezone.now)
+
+    objects = AnomalyQuerySet.as_manager()
+
+    class Meta:
+        verbose_name_plural = "anomalies"
+        ordering = ["exchange_id", "symbol", "timeframe", "ts", "kind"]
+        constraints = [
+            models.UniqueConstraint(fields=["exchange_id", "symbol", "timeframe", "ts", "kind"], name="anomaly_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.exchange_id} {self.symbol} {self.timeframe} {self.ts} {self.kind}"
+
+
 class ExportQuerySet(models.QuerySet):
     def visible_to(self, user) -> "ExportQuerySet":
         """The exports `user` may see and download: their own; staff and superusers see every one."""

@@ -4,27 +4,35 @@ One of the store's two backends (the other is sqlstore.py, with the same functio
 `apps.marketdata.store` calls it. Both collections carry a unique index on
 `(exchange_id, symbol, timeframe, ts)`, which also serves every query here (equality on the series,
 range and sort on ts). Candles are `{exchange_id, symbol, timeframe, ts, open, high, low, close,
-volume}`; indicator rows carry their values as a mapping under `values`.
+volume}`; indicator rows carry their values as a mapping under `values`. Collection `series_stats` holds
+one document per series (unique on the series): first_ts, last_ts, candles, anomalies, last_collected_at,
+updated by each upsert batch and delete. Anomalies themselves are `Anomaly` rows in the Django database,
+like gaps, for every backend.
 """
 
 import logging
 import math
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.utils import timezone
 from pymongo import MongoClient, UpdateOne
 from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
+
+from apps.marketdata.models import Anomaly
 
 logger = logging.getLogger(__name__)
 
 CANDLES = "candles"
 INDICATORS = "indicators"
+STATISTICS = "series_stats"
+STATISTICS_FIELDS = ("first_ts", "last_ts", "candles", "anomalies", "last_collected_at")
 SERIES_KEY = ("exchange_id", "symbol", "timeframe", "ts")
 VALUE_FIELDS = ("open", "high", "low", "close", "volume")
 
@@ -114,6 +122,7 @@ def ensure_indexes(db: Any = None) -> None:
     key = [(field, 1) for field in SERIES_KEY]
     for name in (CANDLES, INDICATORS):
         db[name].create_index(key, unique=True, name="series_ts_unique")
+    db[STATISTICS].create_index([(field, 1) for field in SERIES_KEY[:3]], unique=True, name="series_unique")
     _indexes_ensured = True
 
 
@@ -148,7 +157,9 @@ def _bulk_upsert(collection: Any, operations: list) -> Any:
 # --- Candles ----------------------------------------------------------------------------------------
 
 
-def upsert_candles(exchange_id: str, symbol: str, timeframe: str, rows: list[tuple]) -> tuple[int, int, int]:
+def upsert_candles(
+    exchange_id: str, symbol: str, timeframe: str, rows: list[tuple], flagged: list[tuple]
+) -> tuple[int, int, int]:
     """Unordered bulk upserts of `$set` on the values: (inserted, updated, unchanged).
 
     MongoDB itself tells the three outcomes apart: an upsert that matched nothing inserts
@@ -158,27 +169,148 @@ def upsert_candles(exchange_id: str, symbol: str, timeframe: str, rows: list[tup
     read before the write and one round trip per batch. A filter of the form "key and any value differs"
     would not work: with upsert=True a non-matching filter means "insert", which would then collide with
     the unique index.
+
+    After each batch, one `update_one` brings the series' statistics document up to date. Anomalies are
+    written (Django database) only when the batch has some, or revised candles whose old anomalies may
+    be gone now: MongoDB does not say which candles it modified, so then the batch's ts are checked.
     """
-    collection = get_db()[CANDLES]
+    db = get_db()
+    collection = db[CANDLES]
+    series = {"exchange_id": exchange_id, "symbol": symbol, "timeframe": timeframe}
     inserted = updated = unchanged = 0
     for start in range(0, len(rows), BATCH):
+        batch = rows[start : start + BATCH]
         operations = [
             UpdateOne(
-                {"exchange_id": exchange_id, "symbol": symbol, "timeframe": timeframe, "ts": ts},
+                {**series, "ts": ts},
                 {"$set": {"open": o, "high": h, "low": lo, "close": c, "volume": v}},
                 upsert=True,
             )
-            for ts, o, h, lo, c, v in rows[start : start + BATCH]
+            for ts, o, h, lo, c, v in batch
         ]
         outcome = _bulk_upsert(collection, operations)
         inserted += outcome.upserted_count
         updated += outcome.modified_count
         unchanged += outcome.matched_count - outcome.modified_count
+        first, last = batch[0][0], batch[-1][0]
+        batch_flagged = [row for row in flagged if first <= row[0] <= last]
+        revised = [row[0] for row in batch] if outcome.modified_count else []
+        anomalies = (
+            Anomaly.objects.record(exchange_id, symbol, timeframe, batch_flagged, revised)
+            if batch_flagged or revised
+            else 0
+        )
+        db[STATISTICS].update_one(
+            series,
+            {
+                "$min": {"first_ts": first},
+                "$max": {"last_ts": last},
+                "$inc": {"candles": outcome.upserted_count, "anomalies": anomalies},
+                "$set": {"last_collected_at": timezone.now()},
+            },
+            upsert=True,
+        )
     return inserted, updated, unchanged
 
 
 def delete_candles(exchange_id: str, symbol: str, timeframe: str, start_ts: int | None, end_ts: int | None) -> int:
-    return get_db()[CANDLES].delete_many(series_filter(exchange_id, symbol, timeframe, start_ts, end_ts)).deleted_count
+    """Delete the candles in the bounds, then their anomalies, then correct the statistics document."""
+    db = get_db()
+    deleted = db[CANDLES].delete_many(series_filter(exchange_id, symbol, timeframe, start_ts, end_ts)).deleted_count
+    if deleted:
+        series = series_filter(exchange_id, symbol, timeframe)
+        stats = db[STATISTICS].find_one(series, {"_id": 0, "anomalies": 1}) or {}
+        anomalies = 0
+        if stats.get("anomalies"):
+            # Only then: the Django database need not be reachable to delete candles of a clean series.
+            anomalies, _ = Anomaly.objects.for_series(exchange_id, symbol, timeframe).within(start_ts, end_ts).delete()
+        first = first_ts(exchange_id, symbol, timeframe)
+        if first is None:
+            db[STATISTICS].delete_one(series)
+        else:
+            db[STATISTICS].update_one(
+                series,
+                {
+                    "$set": {"first_ts": first, "last_ts": last_ts(exchange_id, symbol, timeframe)},
+                    "$inc": {"candles": -deleted, "anomalies": -anomalies},
+                },
+            )
+    return deleted
+
+
+# --- Statistics -------------------------------------------------------------------------------------
+
+
+def series_statistics(filters: dict[str, str], offset: int, limit: int | None) -> list[tuple]:
+    cursor = (
+        get_db()[STATISTICS]
+        .find(filters, {"_id": 0})
+        .sort([("exchange_id", 1), ("symbol", 1), ("timeframe", 1)])
+        .skip(offset)
+    )
+    if limit is not None:
+        cursor = cursor.limit(limit)
+    return [
+        (
+            doc["exchange_id"],
+            doc["symbol"],
+            doc["timeframe"],
+            *(doc.get(field, 0) for field in STATISTICS_FIELDS[:4]),
+            doc.get("last_collected_at"),
+        )
+        for doc in cursor
+    ]
+
+
+def count_series_statistics(filters: dict[str, str]) -> int:
+    return get_db()[STATISTICS].count_documents(filters)
+
+
+def rebuild_statistics(find_anomalies: Callable[[list[tuple]], list[tuple]]) -> int:
+    """Statistics and anomalies recomputed from the candles (a grouped pass, then the odd candles)."""
+    db = get_db()
+    odd = {
+        "$expr": {
+            "$or": [
+                {"$lt": ["$high", "$open"]},
+                {"$lt": ["$high", "$close"]},
+                {"$lt": ["$high", "$low"]},
+                {"$gt": ["$low", "$open"]},
+                {"$gt": ["$low", "$close"]},
+            ]
+        }
+    }
+    by_series: dict[tuple[str, str, str], list[tuple]] = {}
+    for doc in db[CANDLES].find(odd, {"_id": 0}).sort([(field, 1) for field in SERIES_KEY]):
+        key = (doc["exchange_id"], doc["symbol"], doc["timeframe"])
+        by_series.setdefault(key, []).append((doc["ts"], *(doc[field] for field in VALUE_FIELDS)))
+    collected = {
+        (doc["exchange_id"], doc["symbol"], doc["timeframe"]): doc.get("last_collected_at")
+        for doc in db[STATISTICS].find(
+            {}, {"_id": 0, "exchange_id": 1, "symbol": 1, "timeframe": 1, "last_collected_at": 1}
+        )
+    }
+    Anomaly.objects.all().delete()
+    anomalies = {key: Anomaly.objects.record(*key, find_anomalies(rows), []) for key, rows in by_series.items()}
+    series = series_coverage()
+    db[STATISTICS].delete_many({})
+    if series:
+        db[STATISTICS].insert_many(
+            [
+                {
+                    "exchange_id": e,
+                    "symbol": s,
+                    "timeframe": t,
+                    "first_ts": first,
+                    "last_ts": last,
+                    "candles": count,
+                    "anomalies": anomalies.get((e, s, t), 0),
+                    "last_collected_at": collected.get((e, s, t)),
+                }
+                for e, s, t, first, last, count in series
+            ]
+        )
+    return len(series)
 
 
 def read_candles(
@@ -384,3 +516,10 @@ def indicator_ts(exchange_id: str, symbol: str, timeframe: str) -> np.ndarray:
 
 def delete_indicators(exchange_id: str, symbol: str, timeframe: str, ts: list[int]) -> None:
     get_db()[INDICATORS].delete_many({**series_filter(exchange_id, symbol, timeframe), "ts": {"$in": ts}})
+
+
+def delete_indicator_range(
+    exchange_id: str, symbol: str, timeframe: str, start_ts: int | None, end_ts: int | None
+) -> int:
+    query = series_filter(exchange_id, symbol, timeframe, start_ts, end_ts)
+    return get_db()[INDICATORS].delete_many(query).deleted_count

@@ -23,7 +23,7 @@ from rest_framework.utils.urls import replace_query_param
 
 from apps.connectors.exchanges import is_known_exchange
 from apps.marketdata.exports import request_export
-from apps.marketdata.models import Export
+from apps.marketdata.models import Anomaly, Export, Gap
 from apps.marketdata.timeframes import datetime_to_ms, is_valid_timeframe, timeframe_error
 
 DEFAULT_LIMIT = 1_000
@@ -206,6 +206,116 @@ def csv_stream(header: list[str], rows: Iterable[list], rows_per_chunk: int = 1_
             buffer.truncate()
             pending = 0
     yield buffer.getvalue()
+
+
+# --- Coverage, gaps, anomalies, series ------------------------------------------------------------
+
+
+class SeriesFilterSerializer(serializers.Serializer):
+    """Optional exact filters on the series (coverage); a malformed timeframe is a 400 naming it."""
+
+    exchange_id = serializers.CharField(max_length=64, required=False, help_text="ccxt exchange id.")
+    symbol = serializers.CharField(max_length=64, required=False, help_text="ccxt unified symbol, e.g. BTC/USDT.")
+    timeframe = serializers.CharField(max_length=8, required=False, help_text="Candle length, e.g. 1m, 1h, 1d.")
+
+    def validate_timeframe(self, value: str) -> str:
+        if not is_valid_timeframe(value):
+            raise serializers.ValidationError(timeframe_error(value))
+        return value
+
+
+class SeriesKeySerializer(SeriesFilterSerializer):
+    """One whole series (DELETE /data/series): all three fields required."""
+
+    exchange_id = serializers.CharField(max_length=64, help_text="ccxt exchange id.")
+    symbol = serializers.CharField(max_length=64, help_text="ccxt unified symbol, e.g. BTC/USDT.")
+    timeframe = serializers.CharField(max_length=8, help_text="Candle length, e.g. 1m, 1h, 1d.")
+
+
+class CoverageSerializer(serializers.Serializer):
+    exchange_id = serializers.CharField()
+    symbol = serializers.CharField()
+    timeframe = serializers.CharField()
+    first_ts = serializers.IntegerField(help_text="Open time of the oldest stored candle, UTC ms.")
+    first_time = serializers.SerializerMethodField()
+    last_ts = serializers.IntegerField(help_text="Open time of the newest stored candle, UTC ms.")
+    last_time = serializers.SerializerMethodField()
+    candles = serializers.IntegerField(help_text="Candles stored.")
+    expected = serializers.IntegerField(help_text="Slots of the timeframe from the first to the last candle.")
+    completeness = serializers.FloatField(help_text="candles / expected, 0 to 1.")
+    open_gaps = serializers.IntegerField(help_text="Open gaps (refetched by the job's next runs).")
+    missing = serializers.IntegerField(help_text="Candles missing in the open gaps.")
+    confirmed_empty = serializers.IntegerField(help_text="Slots the exchange confirmed empty.")
+    anomalies = serializers.IntegerField(help_text="Stored candles breaking an OHLC invariant.")
+    last_collected_at = serializers.DateTimeField(allow_null=True, help_text="Last write to the series.")
+    last_closed_ts = serializers.IntegerField(help_text="Open time of the newest closed candle now, UTC ms.")
+    lag_candles = serializers.IntegerField(help_text="Closed candles newer than the newest stored one.")
+    lag_seconds = serializers.IntegerField(
+        help_text="How far the newest stored candle is behind the newest closed one."
+    )
+
+    def get_first_time(self, row: dict) -> str:
+        return format_time(row["first_ts"])
+
+    def get_last_time(self, row: dict) -> str:
+        return format_time(row["last_ts"])
+
+
+class CoveragePageSerializer(serializers.Serializer):
+    count = serializers.IntegerField()
+    next = serializers.URLField(allow_null=True)
+    previous = serializers.URLField(allow_null=True)
+    results = CoverageSerializer(many=True)
+
+
+class GapSerializer(serializers.ModelSerializer):
+    start_time = serializers.SerializerMethodField()
+    end_time = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Gap
+        fields = [
+            "id",
+            "exchange_id",
+            "symbol",
+            "timeframe",
+            "start_ts",
+            "start_time",
+            "end_ts",
+            "end_time",
+            "missing",
+            "status",
+            "attempts",
+            "detected_at",
+            "updated_at",
+        ]
+        read_only_fields = fields
+
+    def get_start_time(self, gap: Gap) -> str:
+        return format_time(gap.start_ts)
+
+    def get_end_time(self, gap: Gap) -> str:
+        return format_time(gap.end_ts)
+
+
+class AnomalySerializer(serializers.ModelSerializer):
+    time = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Anomaly
+        fields = ["id", "exchange_id", "symbol", "timeframe", "ts", "time", "kind", "open", "high", "low", "close"]
+        fields += ["detected_at"]
+        read_only_fields = fields
+
+    def get_time(self, anomaly: Anomaly) -> str:
+        return format_time(anomaly.ts)
+
+
+class DeletedSeriesSerializer(serializers.Serializer):
+    candles = serializers.IntegerField()
+    indicators = serializers.IntegerField()
+    gaps = serializers.IntegerField()
+    anomalies = serializers.IntegerField()
 
 
 # --- Exports --------------------------------------------------------------------------------------

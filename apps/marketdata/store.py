@@ -12,8 +12,13 @@ What is stored is what the exchange sent. Rows are rejected only when they canno
 a missing or non-integer `ts`, a value that is not a finite number (NaN, infinity, None, a string), or a
 negative volume. Odd but real candles (high below low, open or close outside the high-low range, zero
 volume, a `ts` off the timeframe grid) are stored unchanged: exchanges do publish such candles, and a
-collector that "repairs" them silently would no longer be a faithful record. Checks of that kind belong to
-whoever analyses the data.
+collector that "repairs" them silently would no longer be a faithful record. Those breaking an OHLC
+invariant (see ohlc_anomalies) are flagged instead: an `Anomaly` row each, written by the same upsert
+call, removed when a revision fixes the candle, counted in the series' statistics.
+
+Each backend keeps per-series statistics (first and last ts, candles stored, anomalies, last collected)
+current with every upsert and delete, one extra statement per batch at most (PostgreSQL folds it into the
+batch's own statement), so coverage is read without counting candles.
 
 Writes go in batches; each batch commits on its own, so a crash mid-call leaves whole batches behind and
 re-running the same call is idempotent (upserts keyed on the natural key).
@@ -21,6 +26,7 @@ re-running the same call is idempotent (upserts keyed on the natural key).
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime
 from numbers import Real
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -70,6 +76,19 @@ class Coverage(NamedTuple):
     first_ts: int | None
     last_ts: int | None
     count: int
+
+
+class SeriesStatistics(NamedTuple):
+    """What the store keeps about one series, current with every write: no candle is counted to read it."""
+
+    exchange_id: str
+    symbol: str
+    timeframe: str
+    first_ts: int
+    last_ts: int
+    candles: int
+    anomalies: int
+    last_collected_at: datetime | None
 
 
 class SeriesCoverage(NamedTuple):
@@ -152,6 +171,28 @@ def normalize_candles(candles: Iterable[Sequence[Any]]) -> list[tuple[int, float
     return [by_ts[ts] for ts in sorted(by_ts)]
 
 
+# Anomaly kinds, as Anomaly.Kind stores them.
+HIGH_BELOW = "high_below"
+LOW_ABOVE = "low_above"
+
+
+def ohlc_anomalies(rows: list[tuple[int, float, float, float, float, float]]) -> list[tuple]:
+    """(ts, kind, open, high, low, close) of the normalised rows that break an OHLC invariant: high below
+    open, close or low (`high_below`); low above open or close (`low_above`). A candle may break both.
+
+    Plain comparisons in one pass (about 40 ns a candle, against the microseconds each costs to store):
+    the check runs on every candle ingested, and bad ones are rare.
+    """
+    flagged = []
+    for ts, o, h, lo, c, _ in rows:
+        if h < o or h < c or h < lo or lo > o or lo > c:
+            if h < o or h < c or h < lo:
+                flagged.append((ts, HIGH_BELOW, o, h, lo, c))
+            if lo > o or lo > c:
+                flagged.append((ts, LOW_ABOVE, o, h, lo, c))
+    return flagged
+
+
 # --- The backend ------------------------------------------------------------------------------------
 
 # Errors meaning the series store cannot answer now, for the API to turn into a 503. Only MongoDB's: the
@@ -204,14 +245,58 @@ def upsert_candles(exchange_id: str, symbol: str, timeframe: str, candles: Itera
     rows = normalize_candles(candles)
     if not rows:
         return UpsertResult(0, 0, 0)
-    return UpsertResult(*_store().upsert_candles(exchange_id, symbol, timeframe, rows))
+    flagged = ohlc_anomalies(rows)
+    return UpsertResult(*_store().upsert_candles(exchange_id, symbol, timeframe, rows, flagged))
 
 
 def delete_series(
     exchange_id: str, symbol: str, timeframe: str, start_ts: int | None = None, end_ts: int | None = None
 ) -> int:
-    """Delete a series' candles (within the inclusive bounds, if given); returns how many were deleted."""
+    """Delete a series' candles (within the inclusive bounds, if given); returns how many were deleted.
+
+    Their anomalies go with them and the series' statistics follow (a series left without candles has
+    none). Indicator rows and gaps are not touched: see apps.marketdata.retention for a whole series.
+    """
     return _store().delete_candles(exchange_id, symbol, timeframe, start_ts, end_ts)
+
+
+# --- Statistics -------------------------------------------------------------------------------------
+
+
+def series_statistics(
+    exchange_id: str | None = None,
+    symbol: str | None = None,
+    timeframe: str | None = None,
+    offset: int = 0,
+    limit: int | None = None,
+) -> list[SeriesStatistics]:
+    """Statistics of the series matching the (exact) filters, sorted by series, `limit` from `offset`."""
+    filters = {"exchange_id": exchange_id, "symbol": symbol, "timeframe": timeframe}
+    rows = _store().series_statistics({k: v for k, v in filters.items() if v is not None}, offset, limit)
+    return [SeriesStatistics(*row) for row in rows]
+
+
+def count_series_statistics(
+    exchange_id: str | None = None, symbol: str | None = None, timeframe: str | None = None
+) -> int:
+    """How many series match the filters (series_statistics' total)."""
+    filters = {"exchange_id": exchange_id, "symbol": symbol, "timeframe": timeframe}
+    return _store().count_series_statistics({k: v for k, v in filters.items() if v is not None})
+
+
+def statistics(exchange_id: str, symbol: str, timeframe: str) -> SeriesStatistics | None:
+    """One series' statistics, or None when it stores no candle."""
+    found = series_statistics(exchange_id, symbol, timeframe, limit=1)
+    return found[0] if found else None
+
+
+def rebuild_statistics() -> int:
+    """Recompute every series' statistics and anomalies from the stored candles; returns the series count.
+
+    A pass over every candle: for data stored before statistics existed, or after candles were written
+    behind the store's back. Writes done by the store never need it.
+    """
+    return _store().rebuild_statistics(ohlc_anomalies)
 
 
 def iter_chunks(
@@ -385,6 +470,13 @@ def delete_indicators(exchange_id: str, symbol: str, timeframe: str, ts: list[in
     """Delete the series' indicator rows at these ts, ITER_CHUNK keys per statement."""
     for start in range(0, len(ts), ITER_CHUNK):
         _store().delete_indicators(exchange_id, symbol, timeframe, ts[start : start + ITER_CHUNK])
+
+
+def delete_indicator_range(
+    exchange_id: str, symbol: str, timeframe: str, start_ts: int | None = None, end_ts: int | None = None
+) -> int:
+    """Delete the series' indicator rows within the inclusive bounds (all of them without); returns how many."""
+    return _store().delete_indicator_range(exchange_id, symbol, timeframe, start_ts, end_ts)
 
 
 # --- Gaps -------------------------------------------------------------------------------------------

@@ -1,14 +1,19 @@
 import logging
 from itertools import chain, islice
 
+import django_filters
 from django.http import FileResponse, Http404, StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
+from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema
-from rest_framework.decorators import api_view, permission_classes, renderer_classes
+from rest_framework import viewsets
+from rest_framework.decorators import action, api_view, permission_classes, renderer_classes
 from rest_framework.exceptions import ValidationError
 from rest_framework.negotiation import DefaultContentNegotiation
+from rest_framework.pagination import PageNumberPagination
+from rest_framework.permissions import IsAdminUser
 from rest_framework.renderers import BaseRenderer, BrowsableAPIRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -17,6 +22,7 @@ from rest_framework.views import APIView
 
 from apps.jobs.models import Task
 from apps.marketdata import exports, store
+from apps.marketdata.coverage import StatisticsList, coverage_rows
 from apps.marketdata.indicators import (
     SeriesSelectionError,
     configured_indicators,
@@ -26,12 +32,20 @@ from apps.marketdata.indicators import (
     indicators_yaml,
     stored_series,
 )
-from apps.marketdata.models import Export, IndicatorConfig
+from apps.marketdata.models import Anomaly, Export, Gap, IndicatorConfig
+from apps.marketdata.retention import drop_series
 from apps.marketdata.serializers import (
+    AnomalySerializer,
+    CoveragePageSerializer,
+    CoverageSerializer,
     CSVRenderer,
+    DeletedSeriesSerializer,
     ExportRequestSerializer,
     ExportSerializer,
+    GapSerializer,
     IndicatorComputeSerializer,
+    SeriesFilterSerializer,
+    SeriesKeySerializer,
     SeriesQuerySerializer,
     candle_dict,
     csv_stream,
@@ -43,6 +57,11 @@ from datacollector.permissions import requires
 from datacollector.schema import ErrorSerializer
 
 CANDLE_COLUMNS = ["ts", "time", "open", "high", "low", "close", "volume"]
+
+PAGE_PARAMETERS = [
+    OpenApiParameter("page", OpenApiTypes.INT, description="Page number, from 1."),
+    OpenApiParameter("page_size", OpenApiTypes.INT, description="Series per page (default 50, at most 1,000)."),
+]
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +171,91 @@ def indicators(request: Request) -> Response | StreamingHttpResponse:
     rows = store.read_indicators(*series, **bounds, limit=limit + 1)
     page = cursor_page(request, params, [row_dict(ts, values) for ts, values in rows], limit)
     return Response({**page, "columns": names})
+
+
+# --- Coverage, gaps, anomalies, series ------------------------------------------------------------
+
+
+@extend_schema(parameters=[SeriesFilterSerializer, *PAGE_PARAMETERS], responses={200: CoveragePageSerializer})
+@api_view(["GET"])
+@permission_classes([requires("marketdata.view_candle")])
+def coverage_view(request: Request) -> Response:
+    """Coverage of every stored series (filters: exchange_id, symbol, timeframe), from the per-series
+    statistics the store keeps with each write: no candle is counted. Paginated (`page`, `page_size`)."""
+    query = SeriesFilterSerializer(data=request.query_params)
+    query.is_valid(raise_exception=True)
+    paginator = CoveragePagination()
+    try:
+        statistics = paginator.paginate_queryset(StatisticsList(**query.validated_data), request)
+    except store.UNAVAILABLE_ERRORS as error:
+        return store_unavailable(error)
+    rows = coverage_rows(statistics, timezone.now())
+    return paginator.get_paginated_response(CoverageSerializer(rows, many=True).data)
+
+
+class CoveragePagination(PageNumberPagination):
+    page_size_query_param = "page_size"
+    max_page_size = 1_000
+
+
+class GapFilter(django_filters.FilterSet):
+    class Meta:
+        model = Gap
+        fields = ["exchange_id", "symbol", "timeframe", "status"]
+
+
+class GapViewSet(viewsets.ReadOnlyModelViewSet):
+    """Runs of missing candles per series; open ones are refetched by the series' job."""
+
+    queryset = Gap.objects.all()
+    serializer_class = GapSerializer
+    filterset_class = GapFilter
+
+    @extend_schema(request=None, responses=GapSerializer)
+    @action(detail=True, methods=["post"])
+    def refetch(self, request: Request, pk: str | None = None) -> Response:
+        """Reopen the gap and reset its attempts (as the admin's action): the series' job refetches it on
+        its next run, even when it was confirmed empty."""
+        gap = self.get_object()
+        Gap.objects.filter(pk=gap.pk).reopen()
+        gap.refresh_from_db()
+        return Response(self.get_serializer(gap).data)
+
+
+class AnomalyFilter(django_filters.FilterSet):
+    class Meta:
+        model = Anomaly
+        fields = ["exchange_id", "symbol", "timeframe", "kind"]
+
+
+class AnomalyViewSet(viewsets.ReadOnlyModelViewSet):
+    """Stored candles that break an OHLC invariant (stored as sent, flagged here)."""
+
+    queryset = Anomaly.objects.all()
+    serializer_class = AnomalySerializer
+    filterset_class = AnomalyFilter
+
+
+@extend_schema(
+    parameters=[SeriesKeySerializer],
+    responses={200: DeletedSeriesSerializer, 404: ErrorSerializer, 503: ErrorSerializer},
+)
+@api_view(["DELETE"])
+@permission_classes([IsAdminUser])
+def series_view(request: Request) -> Response:
+    """Delete one series: its candles, indicator rows, gaps, anomalies and statistics together (staff only).
+
+    404 when nothing of the series is stored. The series' job, if any, is left alone (pause it first)."""
+    query = SeriesKeySerializer(data=request.query_params)
+    query.is_valid(raise_exception=True)
+    params = query.validated_data
+    try:
+        deleted = drop_series(params["exchange_id"], params["symbol"], params["timeframe"])
+    except store.UNAVAILABLE_ERRORS as error:
+        return store_unavailable(error)
+    if not any(deleted.values()):
+        return Response({"detail": "No such series is stored."}, status=404)
+    return Response(DeletedSeriesSerializer(deleted).data)
 
 
 # --- Exports --------------------------------------------------------------------------------------

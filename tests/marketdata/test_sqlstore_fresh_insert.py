@@ -46,13 +46,22 @@ def test_a_stored_candle_inside_the_range_sends_the_batch_to_the_upsert():
 
 def write_past_the_check(monkeypatch) -> None:
     """The INSERT as if another writer's candle arrived after the check: the unique key refuses it."""
-    unguarded = sqlstore._FRESH_INSERT.replace("WHERE NOT EXISTS", "WHERE EXISTS (SELECT) OR NOT EXISTS")
-    assert unguarded != sqlstore._FRESH_INSERT
-    monkeypatch.setattr(sqlstore, "_FRESH_INSERT", unguarded)
+    statement = sqlstore._postgres_statement
+
+    def unguarded(fresh: bool, anomalies: bool) -> str:
+        sql = statement(fresh, anomalies)
+        if fresh:
+            guarded, sql = sql, sql.replace("SELECT NOT EXISTS (", "SELECT EXISTS (SELECT) OR NOT EXISTS (")
+            assert sql != guarded
+        return sql
+
+    monkeypatch.setattr(sqlstore, "_postgres_statement", unguarded)
     store.upsert_candles(*SERIES, [candle(2, close=9.0)])
 
     assert store.upsert_candles(*SERIES, [candle(i) for i in range(5)]) == UpsertResult(4, 1, 0)
     assert store.read_candles(*SERIES) == [candle(i) for i in range(5)]
+    # The refused INSERT took its statistics with it; the upsert counted the four new candles.
+    assert store.statistics(*SERIES)[3:6] == (T0, T0 + 4 * MINUTE, 5)
 
 
 @pytest.mark.django_db
@@ -69,7 +78,12 @@ def test_a_refused_insert_in_autocommit_upserts(monkeypatch):
 
 @pytest.mark.django_db
 def test_ranges_the_series_holds_nothing_in_never_run_the_upsert(monkeypatch):
-    monkeypatch.setattr(sqlstore, "_UPSERT", "SELECT 1 / 0")  # fails if run
+    statement = sqlstore._postgres_statement
+    monkeypatch.setattr(  # the upsert fails if run
+        sqlstore,
+        "_postgres_statement",
+        lambda fresh, anomalies: statement(fresh, anomalies) if fresh else "SELECT 1 / 0",
+    )
 
     assert store.upsert_candles(*SERIES, [candle(i) for i in range(10, 20)]) == UpsertResult(10, 0, 0)
     assert store.upsert_candles(*SERIES, [candle(i) for i in range(20, 30)]) == UpsertResult(10, 0, 0)

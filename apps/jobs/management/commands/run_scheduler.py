@@ -41,6 +41,7 @@ from apps.jobs.outages import (
     wait_for_database,
 )
 from apps.jobs.tasks import run_task
+from apps.marketdata.retention import schedule_daily_purge
 from apps.monitoring import live
 from apps.monitoring import metrics as fleet_metrics
 from apps.monitoring.fleet import Membership
@@ -252,6 +253,11 @@ class Scheduler:
             return
         if closed:
             logger.info("closed %s orphaned runs", closed, extra={"worker": self.worker_id, "closed": closed})
+        try:
+            # Idle now and then anyway: queue the day's retention purge (once a day across the fleet).
+            schedule_daily_purge()
+        except Exception:
+            logger.exception("queueing the daily purge failed", extra={"worker": self.worker_id})
 
     def execute(self, run: Run) -> str:
         """Run one claimed job and record its outcome; never raises for the job's own failures."""
