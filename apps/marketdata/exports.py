@@ -21,6 +21,7 @@ import logging
 import shutil
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -321,10 +322,18 @@ def _write_series(
 ) -> None:
     message = f"{symbol} {timeframe}"
     writer = WRITERS[export.format]
-    with writer(sink, series_schema(columns, export.format)) as write:
+    # A thread writes a chunk while this one reads the next: PostgreSQL (or MongoDB) prepares the next
+    # chunk while pyarrow encodes and compresses this one, both releasing the GIL. The database work stays
+    # in this thread, on its connection (and transaction); at most two chunks are in memory.
+    with writer(sink, series_schema(columns, export.format)) as write, ThreadPoolExecutor(1) as pool:
+        pending: Future | None = None
         for table in chunks:
-            write(table)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(write, table)
             progress.add(table.num_rows, message)
+        if pending is not None:
+            pending.result()
 
 
 def series_schema(columns: list[str], format: str = "parquet") -> pa.Schema:
@@ -373,7 +382,12 @@ def _indicator_arrays(exchange_id: str, symbol: str, timeframe: str, ts: np.ndar
 
 @contextmanager
 def parquet_writer(sink: IO[bytes], schema: pa.Schema) -> Iterator[Callable[[pa.Table], None]]:
-    with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+    # No dictionary encoding: prices are nearly all distinct, so building dictionaries only to drop them
+    # cost five times the CPU of the rest of the write, and made a larger file. `ts` grows by a steady
+    # step, which delta encoding stores in a few bits per candle.
+    with pq.ParquetWriter(
+        sink, schema, compression="zstd", use_dictionary=False, column_encoding={schema.names[0]: "DELTA_BINARY_PACKED"}
+    ) as writer:
         # One row group per chunk: readers can skip by ts statistics, and memory holds one chunk.
         yield lambda table: writer.write_table(table, row_group_size=max(1, table.num_rows))
 
@@ -397,10 +411,11 @@ def _with_time_text(table: pa.Table, schema: pa.Schema) -> pa.Table:
     ts = table.column("ts")
     millis = ts.cast(pa.int64())
     whole_seconds = pc.all(pc.equal(pc.remainder(millis, 1000), 0)).as_py() if len(millis) else True
-    if whole_seconds:
-        text = pc.strftime(ts.cast(pa.timestamp("s", tz="UTC")), format="%Y-%m-%dT%H:%M:%SZ")
-    else:
-        text = pc.strftime(ts, format="%Y-%m-%dT%H:%M:%SZ")
+    # Arrow casts a timestamp without a time zone to "2024-01-01 00:00:00" (".123" for milliseconds); the
+    # "T" and "Z" are spliced in. A thirtieth of the CPU of strftime or of casting the UTC timestamp (both
+    # go through the time zone per value), which were most of a CSV export's CPU.
+    naive = ts.cast(pa.timestamp("s" if whole_seconds else "ms")).cast(pa.string())
+    text = pc.binary_join_element_wise(pc.binary_replace_slice(naive, 10, 11, "T"), "Z", "")
     return pa.Table.from_arrays([millis, text, *table.columns[1:]], schema=schema)
 
 

@@ -52,8 +52,11 @@ VALUE_FIELDS = ("open", "high", "low", "close", "volume")
 # Rows fetched per query by iter_candles and iter_indicators: big enough to amortise the round trip,
 # small enough that a stream of millions of rows holds only one chunk in memory.
 ITER_CHUNK = 10_000
-# Rows per chunk of iter_candle_columns: arrays of 250,000 candles are 12 MB, a round trip per 250,000.
-COLUMN_CHUNK = 250_000
+# Rows per chunk of iter_candle_columns: arrays of 100,000 candles are 5 MB. An export holds about ten
+# times a chunk's arrays at its peak (the database's answer, the arrays, Arrow's copies and encoders, the
+# next chunk read while one is written): 35-50 MB over the process's own at 100,000, 70-115 MB at 250,000,
+# at the same speed (benchmarks/bench_export.py).
+COLUMN_CHUNK = 100_000
 
 
 class UpsertResult(NamedTuple):
