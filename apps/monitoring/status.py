@@ -75,27 +75,29 @@ def exchange_status(exchange_id: str, now: datetime | None = None) -> dict[str, 
 
 def system_status(checks: dict[str, dict[str, str]], now: datetime | None = None) -> dict[str, Any]:
     """Version, the components' `checks` (/health/ready's), the fleet, jobs overdue, runs in flight and the
-    exchanges backing off. `ok` is False when a component fails or schedulers are registered and none is alive."""
+    exchanges backing off. `ok` is False when a component fails (then the API answers 503, as /health/ready
+    does); `degraded` lists what is wrong while the components answer (no scheduler alive, exchanges backing
+    off), which a readiness probe must not act on: restarting the web would not help."""
     now = now or timezone.now()
     failing = [name for name, check in checks.items() if check["status"] != "ok"]
     body: dict[str, Any] = {"version": version(), "checks": checks, "candle_store": store.backend_name()}
     if "database" in failing:
-        return {**body, "ok": False, "failing": failing}
+        return {**body, "ok": False, "failing": failing, "degraded": []}
     fleet = SchedulerProcess.objects.running().aggregate(
         alive=Count("id", filter=Q(last_heartbeat__gte=now - _lost_after())),
         lost=Count("id", filter=Q(last_heartbeat__lt=now - _lost_after())),
         workers=Sum("workers", filter=Q(last_heartbeat__gte=now - _lost_after())),
     )
-    if fleet["alive"] == 0:
-        failing.append("schedulers")
     limits = RateLimit.objects.filter(Q(blocked_until__gt=now) | Q(circuit_open_until__isnull=False))
     backing_off = sorted(
         row.exchange_id for row in limits if _backing_off(row, now) or circuit_state(row, now) != "closed"
     )
+    degraded = [name for name, bad in (("schedulers", fleet["alive"] == 0), ("exchanges", bool(backing_off))) if bad]
     return {
         **body,
         "ok": not failing,
         "failing": failing,
+        "degraded": degraded,
         "schedulers": {"alive": fleet["alive"], "lost": fleet["lost"], "workers": fleet["workers"] or 0},
         "jobs_overdue": Job.objects.filter(status=Job.Status.ACTIVE, next_run_at__lt=now - OVERDUE_AFTER).count(),
         "runs_in_flight": Run.objects.filter(status=Run.Status.RUNNING).count(),

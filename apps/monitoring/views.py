@@ -117,7 +117,8 @@ def _check_mongodb(uri: str) -> dict[str, str]:
 
 class SystemStatusView(APIView):
     """Version, database, candle store, schedulers alive and lost, jobs overdue, runs in flight, exchanges
-    backing off. 503 (with the same body) when a component fails or no scheduler is alive, like /health/ready."""
+    backing off. 503 (with the same body) when a component fails, like /health/ready; `degraded` names what
+    is wrong otherwise (no scheduler alive, exchanges backing off)."""
 
     permission_classes = [requires("monitoring.view_schedulerprocess")]
 

@@ -57,13 +57,23 @@ def test_status_is_200_with_a_live_scheduler_and_reports_the_fleet(api_client, j
     assert body["jobs_overdue"] == 1
     assert body["runs_in_flight"] == 1
     assert body["exchanges_backing_off"] == ["binance"]
+    assert body["degraded"] == ["exchanges"]
 
 
-def test_status_is_503_when_no_scheduler_is_alive(api_client):
+def test_status_is_200_but_degraded_when_no_scheduler_is_alive(api_client):
     process("lost", beat_seconds_ago=600)
     response = api_client.get("/api/v1/system/status")
+    assert response.status_code == 200
+    assert (response.json()["ok"], response.json()["degraded"]) == (True, ["schedulers"])
+
+
+def test_status_is_503_when_a_component_fails_as_health_ready_is(api_client, settings):
+    # A MongoDB no one answers at (a closed port): the same check /health/ready makes.
+    settings.MONGODB_URI = "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=200&connectTimeoutMS=200"
+    response = api_client.get("/api/v1/system/status")
     assert response.status_code == 503
-    assert response.json()["failing"] == ["schedulers"]
+    assert response.json()["failing"] == ["mongodb"]
+    assert "error" not in response.json()["checks"]["mongodb"]  # hosts and ports: staff only
 
 
 def test_stats_count_requests_429s_and_runs_by_outcome_over_the_hour_and_the_day(api_client, job):
