@@ -17,6 +17,7 @@ column per indicator when asked):
   files as freqtrade's FeatherDataHandler writes and reads them. Indicators are not part of it.
 """
 
+import io
 import logging
 import shutil
 import zipfile
@@ -375,6 +376,52 @@ def _indicator_arrays(exchange_id: str, symbol: str, timeframe: str, ts: np.ndar
                 if value is not None:
                     values[name][index] = value
     return [pa.array(values[name], from_pandas=True) for name in columns]  # NaN -> null
+
+
+class _Chunks(io.RawIOBase):
+    """A write-only stream that keeps what is written until `take()`: a Parquet file handed out piece by
+    piece as its row groups are written, for a streamed HTTP response."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[bytes] = []
+        self.position = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.parts.append(bytes(data))
+        self.position += len(self.parts[-1])
+        return len(self.parts[-1])
+
+    def tell(self) -> int:
+        return self.position
+
+    def take(self) -> bytes:
+        data = b"".join(self.parts)
+        self.parts.clear()
+        return data
+
+
+def parquet_stream(
+    exchange_id: str, symbol: str, timeframe: str, start_ts: int | None, end_ts: int | None, limit: int | None = None
+) -> Iterator[bytes]:
+    """One series as a Parquet file (the export's schema, no indicators), in pieces: a row group per
+    chunk, the first piece once the first chunk is read (so a store error surfaces before any byte),
+    at most `limit` candles. Memory holds one chunk whatever the range (`GET /data/ohlcv?format=parquet`)."""
+    sink = _Chunks()
+    left = limit
+    with parquet_writer(sink, series_schema([])) as write:
+        for table in series_tables(exchange_id, symbol, timeframe, start_ts, end_ts, []):
+            if left is not None:
+                table, left = table.slice(0, left), left - min(left, table.num_rows)
+            if table.num_rows:
+                write(table)
+                yield sink.take()
+            if left == 0:
+                break
+    yield sink.take()
 
 
 # --- Writers: one per format, each a context manager yielding write(table) ---------------------------

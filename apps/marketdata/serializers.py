@@ -17,11 +17,12 @@ from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
-from rest_framework.renderers import BaseRenderer
+from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.utils.urls import replace_query_param
 
 from apps.connectors.exchanges import is_known_exchange
+from apps.marketdata import exports
 from apps.marketdata.exports import request_export
 from apps.marketdata.models import Anomaly, Export, Gap
 from apps.marketdata.timeframes import datetime_to_ms, is_valid_timeframe, timeframe_error
@@ -189,6 +190,24 @@ class CSVRenderer(BaseRenderer):
             for message in messages if isinstance(messages, list) else [messages]:
                 writer.writerow([field, str(message)])
         return buffer.getvalue().encode(self.charset)
+
+
+class ParquetRenderer(BaseRenderer):
+    """Lets `?format=parquet` (or `Accept: application/vnd.apache.parquet`) select Parquet. The view streams
+    the file itself (exports.parquet_stream); what reaches this renderer is an error body, written as JSON
+    with a JSON content type, since no Parquet reader could show it."""
+
+    media_type = exports.MEDIA_TYPES["parquet"]
+    format = "parquet"
+    charset = None
+
+    def render(
+        self, data: object, accepted_media_type: str | None = None, renderer_context: dict | None = None
+    ) -> bytes:
+        response = (renderer_context or {}).get("response")
+        if response is not None:
+            response["Content-Type"] = "application/json"
+        return JSONRenderer().render(data)
 
 
 def csv_stream(header: list[str], rows: Iterable[list], rows_per_chunk: int = 1_000) -> Iterator[str]:

@@ -44,6 +44,7 @@ from apps.marketdata.serializers import (
     ExportSerializer,
     GapSerializer,
     IndicatorComputeSerializer,
+    ParquetRenderer,
     SeriesFilterSerializer,
     SeriesKeySerializer,
     SeriesQuerySerializer,
@@ -79,35 +80,53 @@ class SeriesNegotiation(DefaultContentNegotiation):
     def filter_renderers(self, renderers: list[BaseRenderer], format: str) -> list[BaseRenderer]:
         offered = [renderer for renderer in renderers if renderer.format == format]
         if not offered:
-            raise ValidationError({"format": [f"format {format!r} is not offered: use json or csv."]})
+            names = [renderer.format for renderer in renderers if renderer.format != "api"]
+            choices = f"{', '.join(names[:-1])} or {names[-1]}"
+            raise ValidationError({"format": [f"format {format!r} is not offered: use {choices}."]})
         return offered
 
 
-def series_endpoint(view):
-    """A GET endpoint over one stored series: JSON pages, the browsable API, or streamed CSV."""
-    view = renderer_classes([JSONRenderer, BrowsableAPIRenderer, CSVRenderer])(view)
-    view = api_view(["GET"])(view)
-    view.cls.content_negotiation_class = SeriesNegotiation
-    return extend_schema(
-        parameters=[
-            SeriesQuerySerializer,
-            OpenApiParameter("format", OpenApiTypes.STR, enum=["json", "csv"], description="csv streams every row."),
-        ],
-        responses={
-            (200, "application/json"): OpenApiTypes.OBJECT,
-            (200, "text/csv"): OpenApiTypes.STR,
-            (503, "application/json"): ErrorSerializer,
-        },
-    )(view)
+def series_endpoint(*, parquet: bool = False):
+    """A GET endpoint over one stored series: JSON pages, the browsable API, streamed CSV, and with
+    `parquet` a streamed Parquet file."""
+    renderers = [JSONRenderer, BrowsableAPIRenderer, CSVRenderer] + ([ParquetRenderer] if parquet else [])
+    formats = ["json", "csv"] + (["parquet"] if parquet else [])
+    streamed = {(200, "text/csv"): OpenApiTypes.STR}
+    if parquet:
+        streamed[(200, ParquetRenderer.media_type)] = OpenApiTypes.BINARY
+
+    def decorate(view):
+        view = renderer_classes(renderers)(view)
+        view = api_view(["GET"])(view)
+        view.cls.content_negotiation_class = SeriesNegotiation
+        return extend_schema(
+            parameters=[
+                SeriesQuerySerializer,
+                OpenApiParameter(
+                    "format",
+                    OpenApiTypes.STR,
+                    enum=formats,
+                    description=f"{' and '.join(formats[1:])} stream every row.",
+                ),
+            ],
+            responses={
+                (200, "application/json"): OpenApiTypes.OBJECT,
+                **streamed,
+                (503, "application/json"): ErrorSerializer,
+            },
+        )(view)
+
+    return decorate
 
 
-@series_endpoint
+@series_endpoint(parquet=True)
 @permission_classes([requires("marketdata.view_candle")])
 def ohlcv(request: Request) -> Response | StreamingHttpResponse:
     """Stored candles of one series, oldest first, bounds inclusive.
 
     JSON comes in pages of `limit` rows; `next` is the URL of the following page (null on the last).
-    `?format=csv` streams the whole range (or `limit` rows when given) in one response.
+    `?format=csv` streams the whole range (or `limit` rows when given) in one response; `?format=parquet`
+    likewise, as a Parquet file (`ts` timestamp[ms, UTC], float64 values, a row group per 100,000 candles).
     """
     query = SeriesQuerySerializer(data=request.query_params)
     query.is_valid(raise_exception=True)
@@ -127,6 +146,15 @@ def ohlcv(request: Request) -> Response | StreamingHttpResponse:
             filename = "-".join(part.replace("/", "").replace(":", "") for part in series)
             response["Content-Disposition"] = f'attachment; filename="{filename}.csv"'
             return response
+        if request.accepted_renderer.format == "parquet":
+            limit = params["limit"] if "limit" in request.query_params else None
+            pieces = exports.parquet_stream(*series, start_ts=start, end_ts=end, limit=limit)
+            # Read the first chunk now, so that an unreachable store is a 503 rather than a cut stream.
+            first = next(pieces)
+            response = StreamingHttpResponse(chain([first], pieces), content_type=ParquetRenderer.media_type)
+            filename = "-".join(part.replace("/", "").replace(":", "") for part in series)
+            response["Content-Disposition"] = f'attachment; filename="{filename}.parquet"'
+            return response
         limit = params["limit"]
         rows = store.read_candles(*series, start_ts=start, end_ts=end, limit=limit + 1)
     except store.UNAVAILABLE_ERRORS as error:
@@ -134,7 +162,7 @@ def ohlcv(request: Request) -> Response | StreamingHttpResponse:
     return Response(cursor_page(request, params, [candle_dict(row) for row in rows], limit))
 
 
-@series_endpoint
+@series_endpoint()
 @permission_classes([requires("marketdata.view_indicatorrow")])
 def indicators(request: Request) -> Response | StreamingHttpResponse:
     """Stored indicators of one series, one row per candle, oldest first, bounds inclusive.

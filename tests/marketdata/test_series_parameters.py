@@ -33,7 +33,7 @@ URLS = ["/api/v1/data/ohlcv", "/api/v1/data/indicators"]
         ({"start": "0001-01-01T00:00:00+05:00"}, "start", "before 1970-01-01"),
         ({"symbol": "BTC/USDT\x00"}, "symbol", "Null characters"),
         ({"start": "2024\x00"}, "start", "not a date"),
-        ({"format": "xml"}, "format", "use json or csv"),
+        ({"format": "xml"}, "format", "is not offered: use json"),
     ],
 )
 def test_bad_parameters_are_a_400_naming_the_parameter(api_client, sql_store, url, params, field, message):
