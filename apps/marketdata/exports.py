@@ -62,6 +62,9 @@ MEDIA_TYPES = {
 MAX_SERIES = 200
 VALUE_FIELDS = ("open", "high", "low", "close", "volume")
 TS_TYPE = pa.timestamp("ms", tz="UTC")
+# How often an idle run_scheduler process deletes expired exports' files (besides each export task): one
+# indexed query that finds nothing on most sweeps.
+SWEEP_EVERY_SECONDS = 300
 
 
 # --- Validation -------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from apps.connectors.models import Connector
+from apps.jobs.management.commands.run_scheduler import Scheduler
 from apps.jobs.models import Job, Task
 from apps.jobs.tasks import run_task
 from apps.marketdata import exports, indicators, store
@@ -194,6 +195,38 @@ def test_expired_files_are_deleted_when_an_export_task_runs(sql_store):
     old.refresh_from_db()
     assert old.file_path == ""
     assert not exports.export_dir(old).exists()
+
+
+def test_delete_expired_files_deletes_only_expired_exports_files(sql_store):
+    store_minutes(count=2)
+    expired, current = run(make_export()), run(make_export(format="csv"))
+    Export.objects.filter(pk=expired.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+
+    assert exports.delete_expired_files() == 1
+    assert exports.delete_expired_files() == 0  # its row no longer names a file
+    expired.refresh_from_db()
+    assert (expired.file_path, exports.export_dir(expired).exists()) == ("", False)
+    assert exports.export_path(current).exists()
+
+
+def test_an_idle_scheduler_deletes_expired_export_files(sql_store):
+    store_minutes(count=2)
+    export = run(make_export())
+    Export.objects.filter(pk=export.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    scheduler = Scheduler(
+        "test:1",
+        lambda run: None,
+        batch_size=1,
+        lease_seconds=60,
+        schedule_delay_seconds=2.0,
+        backoff_base_seconds=5.0,
+        backoff_max_seconds=900.0,
+    )
+
+    scheduler.reap()
+
+    assert not exports.export_dir(export).exists()
+    assert Export.objects.get(pk=export.pk).file_path == ""
 
 
 # --- API --------------------------------------------------------------------------------------------

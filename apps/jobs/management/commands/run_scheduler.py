@@ -41,6 +41,7 @@ from apps.jobs.outages import (
     wait_for_database,
 )
 from apps.jobs.tasks import run_task
+from apps.marketdata.exports import SWEEP_EVERY_SECONDS, delete_expired_files
 from apps.marketdata.retention import schedule_daily_purge
 from apps.monitoring import live
 from apps.monitoring import metrics as fleet_metrics
@@ -110,6 +111,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._claims = itertools.count()
         self._last_reap = 0.0
+        self._last_export_sweep = 0.0
         self._recent_releases: deque[tuple[float, Callable[[], Any]]] = deque()
         self._outages_seen = availability.outages
 
@@ -238,7 +240,8 @@ class Scheduler:
             connection.close()
 
     def reap(self) -> None:
-        """Close orphaned runs no reclaim will close, at most every half lease."""
+        """Close orphaned runs no reclaim will close, at most every half lease; then queue the day's purge
+        and, every SWEEP_EVERY_SECONDS, delete expired exports' files."""
         if time.monotonic() - self._last_reap < self.lease_seconds / 2:
             return
         self._last_reap = time.monotonic()
@@ -258,6 +261,12 @@ class Scheduler:
             schedule_daily_purge()
         except Exception:
             logger.exception("queueing the daily purge failed", extra={"worker": self.worker_id})
+        if time.monotonic() - self._last_export_sweep >= SWEEP_EVERY_SECONDS:
+            self._last_export_sweep = time.monotonic()
+            try:
+                delete_expired_files()
+            except Exception:
+                logger.exception("deleting expired export files failed", extra={"worker": self.worker_id})
 
     def execute(self, run: Run) -> str:
         """Run one claimed job and record its outcome; never raises for the job's own failures."""
