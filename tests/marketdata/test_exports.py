@@ -21,6 +21,7 @@ from apps.jobs.tasks import run_task
 from apps.marketdata import exports, indicators, store
 from apps.marketdata.models import Export
 from tests.conftest import grant
+from tests.jobs.test_run_scheduler import finish, start_scheduler
 
 pytestmark = pytest.mark.django_db
 
@@ -227,6 +228,26 @@ def test_an_idle_scheduler_deletes_expired_export_files(sql_store):
 
     assert not exports.export_dir(export).exists()
     assert Export.objects.get(pk=export.pk).file_path == ""
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_scheduler_process_writes_a_queued_export(sql_store, export_dir, tmp_path, monkeypatch):
+    rows = store_minutes(count=5)
+    export = make_export(format="parquet")
+    # The child reads its settings from the environment: the same export directory, the embedded store.
+    monkeypatch.setenv("EXPORT_DIR", str(export_dir))
+    monkeypatch.setenv("MONGODB_URI", "")
+    process = start_scheduler(
+        tmp_path, "exporter", "--once", "--workers", "1", "--collector", "tests.jobs.standins.instant"
+    )
+    assert finish(process, tmp_path, "exporter") == 0
+
+    export = Export.objects.select_related("task").get(pk=export.pk)
+    assert (export.task.status, export.task.lease_owner, export.rows) == (Task.Status.SUCCEEDED, "", 5)
+    assert export.task.result == {"export_id": export.pk, "rows": 5, "size": export.size, "file": export.file_path}
+    table = pq.read_table(exports.export_path(export))
+    assert table.column("ts").cast(pa.int64()).to_pylist() == [row[0] for row in rows]
 
 
 # --- API --------------------------------------------------------------------------------------------
