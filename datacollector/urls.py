@@ -27,6 +27,7 @@ class ApiRouter(DefaultRouter):
         "data/ohlcv": "data-ohlcv",
         "data/indicators": "data-indicators",
         "data/coverage": "data-coverage",
+        "data/export": "data-export",
         "system/status": "system-status",
         "indicators": "indicator-list",
         "auth/token": "api-token",

@@ -69,4 +69,4 @@ def test_schema_and_swagger_ui_are_served_to_a_logged_in_user(client, user) -> N
 def test_api_root_links_every_endpoint(api_client) -> None:
     response = api_client.get("/api/v1/")
 
-    assert {"connectors", "jobs", "runs", "ratelimits", "exchanges", "auth/token"} <= set(response.data)
+    assert {"connectors", "jobs", "runs", "ratelimits", "exchanges", "auth/token", "data/export"} <= set(response.data)
