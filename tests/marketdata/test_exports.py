@@ -167,7 +167,7 @@ def test_freqtrade_layout_reads_back_as_freqtrades_feather_handler_does(sql_stor
             "binance/futures/BTC_USDT_USDT-1h-futures.feather",
         ]
         archive.extractall(tmp_path / "data")
-    # What freqtrade's FeatherDataHandler._ohlcv_load does with a file (freqtrade 2022.10 to 2024.10).
+    # What freqtrade's FeatherDataHandler._ohlcv_load does with a file (freqtrade 2022.9 to 2024.9).
     pairdata = pd.read_feather(tmp_path / "data/binance/BTC_USDT-1m.feather")
     pairdata.columns = ["date", "open", "high", "low", "close", "volume"]
     pairdata = pairdata.astype({name: "float" for name in ["open", "high", "low", "close", "volume"]})
