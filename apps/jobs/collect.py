@@ -37,7 +37,7 @@ from django.db.models import Q
 from apps.connectors.exchanges import ExchangeClient, get_client
 from apps.jobs.models import Job, Run
 from apps.marketdata import store
-from apps.marketdata.indicators import update_indicators
+from apps.marketdata.indicators import refresh_indicators
 from apps.marketdata.timeframes import datetime_to_ms, ms_to_datetime, timeframe_ms
 from apps.monitoring.metrics import CANDLES, series_labels
 from datacollector.config import get_config
@@ -60,6 +60,9 @@ INDICATOR_CHUNK_CANDLES = 50_000
 # The Run row's counters are refreshed at most this often while a job runs (the final values are
 # written by whoever finishes the run).
 RUN_PROGRESS_INTERVAL_SECONDS = 2.0
+
+# How many of a run's newest candles (with their indicator values) it keeps for live subscribers.
+LATEST_KEPT = 10
 
 Progress = Callable[[int, int], None]  # (slots covered, candles written) since the last call
 
@@ -84,6 +87,10 @@ class CollectResult:
     # The cursor reached the end of the range (the last closed candle, or `until`). False when pages
     # near the end stayed empty: the next run (or a backfill's next pass) asks for them again.
     complete: bool = False
+    # The newest candles written (at most LATEST_KEPT, oldest first) and their indicator values by ts: what
+    # the run publishes to live subscribers once it is released, without reading them back.
+    latest: list[list[float]] = dataclasses.field(default_factory=list, repr=False)
+    latest_indicators: dict[int, dict[str, float | None]] = dataclasses.field(default_factory=dict, repr=False)
 
     def __add__(self, other: "CollectResult") -> "CollectResult":
         """Two passes over one job as one: counts add up, the state is the later pass's."""
@@ -346,6 +353,9 @@ class _Collection:
             self.result.first_ts = first if self.result.first_ts is None else min(self.result.first_ts, first)
             self.result.last_ts = last if self.result.last_ts is None else max(self.result.last_ts, last)
             self.indicators_from = first if self.indicators_from is None else min(self.indicators_from, first)
+            kept = {row[0]: row for row in self.result.latest}
+            kept.update((row[0], row) for row in rows[-LATEST_KEPT:])
+            self.result.latest = [kept[ts] for ts in sorted(kept)[-LATEST_KEPT:]]
             self.indicators_pending += count
             if self.indicators_pending >= INDICATOR_CHUNK_CANDLES:
                 self.update_indicators()
@@ -354,7 +364,9 @@ class _Collection:
     def update_indicators(self) -> None:
         """Compute the indicators from the earliest candle written since the last time to the series' end."""
         if self.indicators_from is not None:
-            update_indicators(*self.series, self.indicators_from)
+            latest = self.result.latest_indicators
+            latest.update(refresh_indicators(*self.series, self.indicators_from).latest(LATEST_KEPT))
+            self.result.latest_indicators = {ts: latest[ts] for ts in sorted(latest)[-LATEST_KEPT:]}
         self.indicators_from, self.indicators_pending = None, 0
 
     def _request(self, since: int, end: int) -> "_Request | None":

@@ -65,6 +65,10 @@ class LeaseLost(Exception):
         self.worker = worker
 
 
+# The job's fields a release may change that its reporters show (`Run._release` sets them on `run.job`).
+_RELEASED_FIELDS = ("status", "cursor", "next_run_at", "last_error", "consecutive_failures")
+
+
 def _can_release_in_one_statement(using: str) -> bool:
     """PostgreSQL runs a release as one statement (data-modifying CTEs); others use a transaction."""
     return connections[using].vendor == "postgresql"
@@ -446,7 +450,12 @@ class Run(models.Model):
         }
         failed = status != Run.Status.SUCCESS
         if _can_release_in_one_statement(Job.objects.db):
-            owned = self._release_in_one_statement(now, status, counts, error, failed, next_run_at, job_status)
+            state = self._release_in_one_statement(now, status, counts, error, failed, next_run_at, job_status)
+            owned = state is not None
+            if owned:
+                # What the release committed, for whoever reports the job's new state (the live hub).
+                for name, value in zip(_RELEASED_FIELDS, state, strict=True):
+                    setattr(self.job, name, value)
         else:
             job_changes: dict = {
                 "consecutive_failures": F("consecutive_failures") + 1 if failed else 0,
@@ -465,6 +474,7 @@ class Run(models.Model):
                     Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING).update(
                         status=status, finished_at=now, error=error, **counts
                     )
+                    self.job.refresh_from_db(fields=_RELEASED_FIELDS)
         if not owned and not self._released_already():
             raise LeaseLost(self.job_id, self.worker)
         self.status, self.finished_at, self.error = status, now, error
@@ -491,7 +501,8 @@ class Run(models.Model):
         failed: bool,
         next_run_at: datetime | None,
         job_status: str | None,
-    ) -> bool:
+    ) -> tuple | None:
+        """The job's _RELEASED_FIELDS as committed, or None when the lease was not ours."""
         # One round trip and one commit instead of four: the release is most of a short job's overhead.
         # The job UPDATE takes the row lock first, as in the portable path; the Run is closed only if
         # the lease was still ours.
@@ -505,7 +516,7 @@ class Run(models.Model):
                     last_error = %(error)s,
                     last_success_at = CASE WHEN %(failed)s THEN last_success_at ELSE %(now)s END
                 WHERE id = %(job_id)s AND lease_owner = %(worker)s
-                RETURNING id
+                RETURNING id, {released}
             ), run AS (
                 UPDATE jobs_run
                 SET status = %(status)s, finished_at = %(now)s, error = %(error)s,
@@ -513,7 +524,7 @@ class Run(models.Model):
                     requests = %(requests)s, rate_limit_wait = %(rate_limit_wait)s
                 WHERE id = %(run_id)s AND status = 'running' AND EXISTS (SELECT 1 FROM job)
             )
-            SELECT count(*) FROM job{commit_mode}
+            SELECT {released} FROM job{commit_mode}
         """
         # Asynchronous commit (outside a caller's transaction, where it would leak into theirs): a
         # release a database crash forgets leaves the job leased and its Run running; the lease
@@ -521,7 +532,7 @@ class Run(models.Model):
         # is idempotent. Not waiting for the WAL flush halves a short job's overhead here.
         connection = connections[Job.objects.db]
         commit_mode = "" if connection.in_atomic_block else ", set_config('synchronous_commit', 'off', true)"
-        sql = sql.format(commit_mode=commit_mode)
+        sql = sql.format(commit_mode=commit_mode, released=", ".join(_RELEASED_FIELDS))
         params = {
             "now": now,
             "next_run_at": next_run_at,
@@ -536,7 +547,8 @@ class Run(models.Model):
         }
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
-            return bool(cursor.fetchone()[0])
+            row = cursor.fetchone()
+        return row
 
     def succeed(self, result: object, delay_seconds: float) -> datetime:
         """Record success and schedule the next run at the next candle close (+ delay); returns it."""

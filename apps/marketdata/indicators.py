@@ -403,6 +403,27 @@ def _indicator_set(config: IndicatorConfig) -> IndicatorSet:
 # --- Storage ----------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class IndicatorRows:
+    """Indicator rows as computed and stored: their ts and one array per column (NaN: no value)."""
+
+    ts: np.ndarray
+    values: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def latest(self, count: int) -> dict[int, dict[str, float | None]]:
+        """The newest `count` rows as {ts: {column: value or None}}, as `store.read_indicators` reads them."""
+        start = max(0, len(self.ts) - count)
+        return {
+            int(self.ts[i]): {
+                name: None if column[i] != column[i] else float(column[i]) for name, column in self.values.items()
+            }
+            for i in range(start, len(self.ts))
+        }
+
+
 def update_indicators(exchange_id: str, symbol: str, timeframe: str, from_ts: int) -> int:
     """Recompute and store indicators for every candle at or after `from_ts`; returns the rows upserted.
 
@@ -410,7 +431,12 @@ def update_indicators(exchange_id: str, symbol: str, timeframe: str, from_ts: in
     candles): every value from there to the end of the series depends on it. History before `from_ts`
     is read only as warm-up. Upserts are keyed like candles, so running it twice changes nothing.
     """
-    return len(_recompute(exchange_id, symbol, timeframe, from_ts, indicator_set()))
+    return len(refresh_indicators(exchange_id, symbol, timeframe, from_ts))
+
+
+def refresh_indicators(exchange_id: str, symbol: str, timeframe: str, from_ts: int) -> IndicatorRows:
+    """`update_indicators`, returning the rows it stored (a live run publishes the newest of them)."""
+    return _recompute(exchange_id, symbol, timeframe, from_ts, indicator_set())
 
 
 def recompute_series(exchange_id: str, symbol: str, timeframe: str, config: IndicatorConfig | None = None) -> int:
@@ -421,20 +447,21 @@ def recompute_series(exchange_id: str, symbol: str, timeframe: str, config: Indi
     first = store.first_ts(exchange_id, symbol, timeframe)
     written = np.empty(0, dtype=np.int64)
     if first is not None:
-        written = _recompute(exchange_id, symbol, timeframe, first, indicator_set(config))
+        written = _recompute(exchange_id, symbol, timeframe, first, indicator_set(config)).ts
     stored = store.indicator_ts(exchange_id, symbol, timeframe)
     store.delete_indicators(exchange_id, symbol, timeframe, np.setdiff1d(stored, written, assume_unique=True).tolist())
     return len(written)
 
 
-def _recompute(exchange_id: str, symbol: str, timeframe: str, from_ts: int, indicators: IndicatorSet) -> np.ndarray:
-    """Compute and upsert the rows from `from_ts` to the end of the series; returns their ts."""
+def _recompute(exchange_id: str, symbol: str, timeframe: str, from_ts: int, indicators: IndicatorSet) -> IndicatorRows:
+    """Compute and upsert the rows from `from_ts` to the end of the series; returns them."""
     ts, close, skip, at_series_start = _read_window(exchange_id, symbol, timeframe, from_ts, indicators)
     if skip == len(ts):
-        return ts[skip:]
+        return IndicatorRows(ts[skip:], {})
     values = indicators.compute(close, at_series_start=at_series_start)
-    store.write_indicators(exchange_id, symbol, timeframe, ts[skip:], {name: v[skip:] for name, v in values.items()})
-    return ts[skip:]
+    rows = IndicatorRows(ts[skip:], {name: v[skip:] for name, v in values.items()})
+    store.write_indicators(exchange_id, symbol, timeframe, rows.ts, rows.values)
+    return rows
 
 
 def _read_window(

@@ -98,17 +98,28 @@ class Publisher:
         self._trimmed_at = 0.0
 
     def publish(self, groups: list[str], payload: dict[str, Any]) -> None:
+        self.publish_many([(groups, payload)])
+
+    def publish_many(self, messages: list[tuple[list[str], dict[str, Any]]]) -> None:
+        """Several payloads, each to its groups: one outbox INSERT for all of them."""
         try:
             if settings.LIVE_OUTBOX:
-                self._write_outbox(groups, payload)
+                self._write_outbox(messages)
             else:
-                self._send_to_layer(groups, payload)
+                for groups, payload in messages:
+                    self._send_to_layer(groups, payload)
         except Exception as exc:
             self.failed(exc)
 
-    def _write_outbox(self, groups: list[str], payload: dict[str, Any]) -> None:
+    def _write_outbox(self, messages: list[tuple[list[str], dict[str, Any]]]) -> None:
         now = timezone.now()
-        LiveEvent.objects.bulk_create([LiveEvent(group=group, payload=payload, created_at=now) for group in groups])
+        LiveEvent.objects.bulk_create(
+            [
+                LiveEvent(group=group, payload=payload, created_at=now)
+                for groups, payload in messages
+                for group in groups
+            ]
+        )
         self._succeeded()
         if time.monotonic() - self._trimmed_at >= OUTBOX_TRIM_INTERVAL_SECONDS:
             # Publishers trim too: a deployment without a web process must not grow the table forever.
@@ -219,8 +230,8 @@ def run_payload(run: Run) -> dict[str, Any]:
     }
 
 
-def _publish_job(event: str, job: Job, run: Run) -> None:
-    publisher.publish(
+def _job_message(event: str, job: Job, run: Run) -> tuple[list[str], dict[str, Any]]:
+    return (
         [jobs_group(), jobs_group(job.connector_id)],
         {"type": "job", "event": event, "job": job_payload(job), "run": run_payload(run)},
     )
@@ -229,34 +240,42 @@ def _publish_job(event: str, job: Job, run: Run) -> None:
 def run_started(run: Run) -> None:
     """A run has begun (committed): the job shows as running."""
     try:
-        _publish_job("started", run.job, run)
+        publisher.publish(*_job_message("started", run.job, run))
     except Exception as exc:
         publisher.failed(exc)
 
 
 def run_finished(run: Run, result: Any, candles: bool = True) -> None:
     """A run was released (committed): its job's new state, the candles it stored (with their indicator
-    values), the series' open gaps and the exchange's bucket. `candles=False` for a backfill."""
+    values, as the run computed them), the series' open gaps, in one message batch; and the exchange's
+    bucket. `candles=False` for a backfill. Nothing is read back: the release set the job's new state on
+    `run.job`, and the result carries the candles."""
     try:
         job = run.job
-        # The release changed the job with an UPDATE (the Run object it updated too): read what it committed.
-        job.refresh_from_db(fields=["status", "cursor", "next_run_at", "last_error", "consecutive_failures"])
-        _publish_job("finished", job, run)
+        messages = [_job_message("finished", job, run)]
         exchange_id = job.connector.exchange_id
-        if candles and getattr(result, "candles_written", 0) and getattr(result, "last_ts", None) is not None:
-            publish_candles(exchange_id, job.symbol, job.timeframe, result.first_ts, result.last_ts)
-        if getattr(result, "gaps_open", 0) or getattr(result, "gaps_refetched", 0):
-            publisher.publish(
-                [gaps_group(), gaps_group(exchange_id)],
-                {
-                    "type": "gaps",
-                    "exchange": exchange_id,
-                    "symbol": job.symbol,
-                    "timeframe": job.timeframe,
-                    "open": result.gaps_open,
-                    "refetched": result.gaps_refetched,
-                },
+        if candles and getattr(result, "candles_written", 0):
+            group = series_group(exchange_id, job.symbol, job.timeframe)
+            indicators = getattr(result, "latest_indicators", {})
+            messages.extend(
+                ([group], candle_payload(exchange_id, job.symbol, job.timeframe, *row, indicators.get(row[0], {})))
+                for row in getattr(result, "latest", [])[-MAX_CANDLES_PER_RUN:]
             )
+        if getattr(result, "gaps_open", 0) or getattr(result, "gaps_refetched", 0):
+            messages.append(
+                (
+                    [gaps_group(), gaps_group(exchange_id)],
+                    {
+                        "type": "gaps",
+                        "exchange": exchange_id,
+                        "symbol": job.symbol,
+                        "timeframe": job.timeframe,
+                        "open": result.gaps_open,
+                        "refetched": result.gaps_refetched,
+                    },
+                )
+            )
+        publisher.publish_many(messages)
         publish_ratelimit(exchange_id, rate_limited=getattr(result, "rate_limited", 0))
     except Exception as exc:
         publisher.failed(exc)
@@ -264,7 +283,7 @@ def run_finished(run: Run, result: Any, candles: bool = True) -> None:
 
 def publish_candles(exchange_id: str, symbol: str, timeframe: str, first_ts: int, last_ts: int) -> int:
     """Publish the stored candles of [first_ts, last_ts] (the newest MAX_CANDLES_PER_RUN of them), each
-    with its indicator values; returns how many."""
+    with its indicator values, read from the store; returns how many."""
     start = last_ts
     for _ in range(MAX_CANDLES_PER_RUN - 1):
         if start <= first_ts:
@@ -274,11 +293,9 @@ def publish_candles(exchange_id: str, symbol: str, timeframe: str, first_ts: int
     rows = store.read_candles(exchange_id, symbol, timeframe, start_ts=start, end_ts=last_ts)
     indicators = dict(store.read_indicators(exchange_id, symbol, timeframe, start_ts=start, end_ts=last_ts))
     group = series_group(exchange_id, symbol, timeframe)
-    for ts, open_, high, low, close, volume in rows:
-        publisher.publish(
-            [group],
-            candle_payload(exchange_id, symbol, timeframe, ts, open_, high, low, close, volume, indicators.get(ts, {})),
-        )
+    publisher.publish_many(
+        [([group], candle_payload(exchange_id, symbol, timeframe, *row, indicators.get(row[0], {}))) for row in rows]
+    )
     return len(rows)
 
 

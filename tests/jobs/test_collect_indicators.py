@@ -42,8 +42,8 @@ def indicator_rows(job: Job) -> tuple[list[int], dict[str, np.ndarray]]:
 def test_a_long_collection_computes_indicators_in_chunks_equal_to_one_computation(job, monkeypatch):
     monkeypatch.setattr(collect, "INDICATOR_CHUNK_CANDLES", 1_500)
     calls = []
-    original = collect.update_indicators
-    monkeypatch.setattr(collect, "update_indicators", lambda *args: calls.append(args[3]) or original(*args))
+    original = collect.refresh_indicators
+    monkeypatch.setattr(collect, "refresh_indicators", lambda *args: calls.append(args[3]) or original(*args))
 
     with time_machine.travel(NOW, tick=False):
         result = collect_job(job, None, lambda: None, max_pages=None)
@@ -60,3 +60,13 @@ def test_a_long_collection_computes_indicators_in_chunks_equal_to_one_computatio
     for name, values in whole.items():
         assert np.array_equal(np.isnan(chunked[name]), np.isnan(values)), name
         assert np.allclose(chunked[name], values, rtol=1e-9, atol=0, equal_nan=True), name
+
+
+def test_a_run_keeps_its_newest_candles_and_their_indicator_values_as_stored(job):
+    with time_machine.travel(NOW, tick=False):
+        result = collect_job(job, None, lambda: None, max_pages=None)
+
+    candles = store.read_candles(job.exchange_id, job.symbol, job.timeframe)
+    assert [tuple(row) for row in result.latest] == [tuple(row) for row in candles[-collect.LATEST_KEPT :]]
+    stored = dict(store.read_indicators(job.exchange_id, job.symbol, job.timeframe, start_ts=result.latest[0][0]))
+    assert result.latest_indicators == stored  # what the live hub publishes, without reading it back

@@ -396,3 +396,21 @@ def test_releases_a_database_crash_forgot_are_applied_again_once_it_is_back(rele
     assert set(Job.objects.values_list("consecutive_failures", flat=True)) == {0}
     scheduler.replay_releases_after_outage()  # once per outage
     assert Run.objects.get(pk=kept.pk).status == Run.Status.SUCCESS
+
+
+@pytest.mark.parametrize("outcome", ["success", "failure", "permanent"])
+def test_a_release_leaves_the_jobs_committed_state_on_the_run(release_path, job, outcome):
+    # The live hub publishes the job's new state from `run.job` without reading it back.
+    scheduler = make_scheduler(standins.instant)
+    with time_machine.travel(NOW, tick=False):
+        run = scheduler.next_run()
+        run.begin(scheduler.lease_seconds)
+        if outcome == "success":
+            run.succeed(None, 2.0)
+        elif outcome == "failure":
+            run.fail("timed out", 5, 900)
+        else:
+            run.fail_permanently("delisted")
+    fields = ["status", "cursor", "next_run_at", "last_error", "consecutive_failures"]
+    committed = Job.objects.values(*fields).get(pk=job.pk)
+    assert {name: getattr(run.job, name) for name in fields} == committed

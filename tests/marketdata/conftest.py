@@ -27,8 +27,10 @@ def sql_store(db, settings):
     store.reset_mongo_client()
 
 
+# The Mongo variants take `db` too: candles live in MongoDB, but the indicator set in force, gaps and
+# series statistics are read from the Django database.
 @pytest.fixture
-def mongomock_store(settings):
+def mongomock_store(db, settings):
     settings.MONGODB_URI = "mongodb://mongomock.invalid:27017"
     settings.MONGODB_DATABASE = "dc_store"
     store.set_mongo_client(mongomock_ng.MongoClient(tz_aware=True))
@@ -37,7 +39,7 @@ def mongomock_store(settings):
 
 
 @pytest.fixture
-def mongodb_store(settings):
+def mongodb_store(db, settings):
     uri = os.environ.get("MONGODB_URI")
     if not uri:
         pytest.skip("set MONGODB_URI to run the store contract against a real MongoDB")

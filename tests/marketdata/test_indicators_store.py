@@ -67,8 +67,9 @@ def default_set(db) -> IndicatorSet:
 
 
 @pytest.fixture
-def short_periods(settings, tmp_path):
-    """A collector.yaml whose indicator set has short periods, read by get_config() for this test."""
+def short_periods(db, settings, tmp_path):
+    """A collector.yaml whose indicator set has short periods, read by get_config() for this test (the set
+    in force is read from the database first: none is stored there)."""
     path = tmp_path / "collector.yaml"
     path.write_text(
         "rate_limits:\n  default: {weight_per_minute: 1200, burst: 20}\n"
