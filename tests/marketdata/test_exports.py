@@ -113,12 +113,6 @@ def test_csv_has_the_api_columns(candle_store):
     assert frame["high"].tolist() == [101.0, 102.0]
 
 
-def test_time_text_keeps_milliseconds_when_a_candle_has_them():
-    table = pa.table({"ts": pa.array([T0, T0 + 1_500]).cast(exports.TS_TYPE), "close": [1.0, 2.0]})
-    text = exports._with_time_text(table, exports.text_schema(table.schema)).column("time").to_pylist()
-    assert text == ["2024-01-01T00:00:00.000Z", "2024-01-01T00:00:01.500Z"]
-
-
 def test_column_chunks_page_through_the_series_in_order_with_native_dtypes(candle_store):
     rows = store_minutes(count=7)
     chunks = list(store.iter_candle_columns("binance", "BTC/USDT", "1m", T0 + MINUTE, T0 + 5 * MINUTE, chunk_size=2))
