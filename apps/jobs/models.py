@@ -141,6 +141,8 @@ class JobQuerySet(models.QuerySet):
         """
         now = now or timezone.now()
         lease = {"lease_owner": worker, "lease_expires_at": now + timedelta(seconds=lease_seconds)}
+        if connections[self.db].vendor == "postgresql" and not connections[self.db].in_atomic_block:
+            return self._claim_in_one_statement(worker, limit, now, lease["lease_expires_at"])
         with transaction.atomic(using=self.db):
             if connections[self.db].features.has_select_for_update_skip_locked:
                 jobs = list(
@@ -171,6 +173,55 @@ class JobQuerySet(models.QuerySet):
             for job in jobs:
                 job.lease_owner, job.lease_expires_at, job.last_run_at = worker, lease["lease_expires_at"], now
             return Run.objects.bulk_create([Run(job=job, worker=worker, started_at=now) for job in jobs])
+
+    def _claim_in_one_statement(self, worker: str, limit: int, now: datetime, expires: datetime) -> list["Run"]:
+        """`claim` on PostgreSQL as one statement (its own transaction): lock, lease, close the runs of
+        expired leases, create the Runs. One round trip instead of five, at every minute's burst of claims;
+        the claimed jobs are then read with their connectors, outside any lock."""
+        due = self.due(now).order_by("next_run_at").values("id")[:limit]
+        due_sql, due_params = due.query.sql_with_params()
+        sql = f"""
+            WITH picked AS (
+                {due_sql} FOR UPDATE OF "jobs_job" SKIP LOCKED
+            ), leased AS (
+                UPDATE jobs_job AS job
+                SET lease_owner = %s, lease_expires_at = %s, last_run_at = %s
+                FROM picked WHERE job.id = picked.id
+                RETURNING job.id
+            ), closed AS (
+                UPDATE jobs_run SET status = %s, finished_at = %s, error = %s
+                WHERE status = %s AND job_id IN (SELECT id FROM picked)
+            )
+            INSERT INTO jobs_run
+                (job_id, status, worker, started_at, finished_at, candles_fetched, candles_written, requests,
+                 rate_limit_wait, error)
+            SELECT id, %s, %s, %s, NULL, 0, 0, 0, 0, '' FROM leased
+            RETURNING id, job_id
+        """
+        # Runs still running on a picked job belong to an expired lease (every release clears both at
+        # once): `closed` fails them as RunQuerySet.close_abandoned does. It sees the snapshot the statement
+        # started with, so never the Runs this statement inserts.
+        running, failed = Run.Status.RUNNING, Run.Status.FAILED
+        params = (
+            *due_params,
+            *(worker, expires, now),
+            *(failed, now, Run.LEASE_EXPIRED, running),
+            *(running, worker, now),
+        )
+        with connections[self.db].cursor() as cursor:
+            cursor.execute(sql, params)
+            claimed = dict((job_id, run_id) for run_id, job_id in cursor.fetchall())
+        if not claimed:
+            return []
+        jobs = (
+            self.model.objects.using(self.db).select_related("connector").filter(pk__in=claimed).order_by("next_run_at")
+        )
+        runs = []
+        for job in jobs:
+            run = Run(id=claimed[job.pk], job=job, worker=worker, started_at=now)
+            run._state.adding, run._state.db = False, self.db
+            runs.append(run)
+        return runs
 
     def claim_for_backfill(
         self, job: "Job", worker: str, lease_seconds: float, now: datetime | None = None
