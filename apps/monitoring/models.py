@@ -1,8 +1,9 @@
+import json
 import os
 import socket
 from datetime import datetime, timedelta
 
-from django.db import models
+from django.db import connections, models
 from django.utils import timezone
 
 from datacollector.config import get_config
@@ -10,6 +11,25 @@ from datacollector.version import version
 
 
 class LiveEventQuerySet(models.QuerySet):
+    def append(self, events: list[tuple[str, dict]]) -> None:
+        """Insert (group, payload) events in one INSERT. Outside a transaction it runs on its own, without
+        the BEGIN and COMMIT that bulk_create wraps around it: a live run publishes on every run."""
+        if not events:
+            return
+        connection = connections[self.db]
+        if connection.in_atomic_block:
+            now = timezone.now()
+            self.bulk_create([LiveEvent(group=group, payload=payload, created_at=now) for group, payload in events])
+            return
+        cast = "::jsonb" if connection.vendor == "postgresql" else ""
+        rows = ", ".join([f"(%s, %s{cast}, %s)"] * len(events))
+        now = connection.ops.adapt_datetimefield_value(timezone.now())
+        params = [value for group, payload in events for value in (group, json.dumps(payload), now)]
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f'INSERT INTO {LiveEvent._meta.db_table} ("group", payload, created_at) VALUES {rows}', params
+            )
+
     def trim(self, older_than_seconds: float) -> int:
         """Delete events older than that: the relays have long passed them on."""
         cutoff = timezone.now() - timedelta(seconds=older_than_seconds)
