@@ -8,17 +8,20 @@ and reused while the series holds exactly BENCH_EXPORT_CANDLES (default 10,000,0
 Each format is exported the way a `run_scheduler` worker does it: `exports.request_export` queues the
 export task, and a child process (a fresh interpreter, so its peak RSS is the export's own) claims it
 with `Task.objects.claim` and runs it with `apps.jobs.tasks.run_task`, into a temporary EXPORT_DIR. The
-child reports the wall time of `run_task`, the rows and bytes written, its CPU time, the PostgreSQL
-backend's CPU time (from /proc, when the server is local) and its peak RSS (ru_maxrss), before the
-export (interpreter, Django, pyarrow: the floor) and at the end.
+child reports the wall time of `run_task`, the rows and bytes written, its CPU time (and the kernel's
+share of it: writing a 1 GB file costs about 2 s of it on a small VM), the PostgreSQL backend's CPU time
+(from /proc, when the server is local) and its peak RSS (ru_maxrss), before the export (interpreter,
+Django, pyarrow: the floor) and at the end; and the load average as each format ends.
 
 Goals: >= 1,000,000 candles/s and peak RSS < 300 MB for each format. Figures are for comparison
 between runs on the same machine; never asserted. BENCH_EXPORT_PROFILE=1 prints the child's cProfile
-(top functions by own time).
+(top functions by own time) of its main thread, which reads from the store: the writer thread's
+formatting shows there only as the main thread's wait for it.
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/datacollector python -m benchmarks export
     BENCH_EXPORT_CANDLES=1000000 python -m benchmarks export          # a quicker run (reloads the series)
     BENCH_EXPORT_FORMATS=parquet BENCH_EXPORT_PROFILE=1 python -m benchmarks export
+    BENCH_EXPORT_FORMATS=parquet,csv,json python -m benchmarks export   # JSON Lines as well (2 GB)
 """
 
 import json
@@ -135,7 +138,8 @@ def child(export_id: int) -> None:
 
     exports.series_tables  # noqa: B018 - imported (pyarrow and all) before the floor is read
     connection.ensure_connection()
-    floor_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = resource.getrusage(resource.RUSAGE_SELF)
+    floor_kb = start.ru_maxrss
     server, cpu, wall = backend_cpu(connection), time.process_time(), time.perf_counter()
     task = Task.objects.claim("bench-export", lease_seconds=600, kinds=[Task.Kind.EXPORT])
     if PROFILE:
@@ -147,6 +151,7 @@ def child(export_id: int) -> None:
     else:
         status = run_task(task)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    kernel = resource.getrusage(resource.RUSAGE_SELF).ru_stime - start.ru_stime
     server_after = backend_cpu(connection)
     export = Export.objects.select_related("task").get(pk=export_id)
     if PROFILE:
@@ -160,6 +165,7 @@ def child(export_id: int) -> None:
                 "size": export.size,
                 "wall": wall,
                 "cpu": cpu,
+                "kernel_cpu": kernel,
                 "server_cpu": None if server is None or server_after is None else server_after - server,
                 "floor_mb": floor_kb / 1024,
                 "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -187,8 +193,9 @@ def run_format(format: str, export_dir: str) -> None:
     print(
         f"  {format:<8} {figures['rows']:,} candles in {figures['wall']:.2f}s = "
         f"{figures['rows'] / figures['wall']:,.0f} candles/s; {figures['size'] / 1e6:,.0f} MB file; "
-        f"CPU: worker {figures['cpu']:.1f}s, PostgreSQL {server}; "
-        f"peak RSS {figures['peak_mb']:.0f} MB (floor before the export {figures['floor_mb']:.0f} MB)",
+        f"CPU: worker {figures['cpu']:.1f}s (kernel {figures['kernel_cpu']:.1f}s), PostgreSQL {server}; "
+        f"peak RSS {figures['peak_mb']:.0f} MB (floor before the export {figures['floor_mb']:.0f} MB); "
+        f"load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
     for path in Path(export_dir).rglob("*"):
