@@ -20,23 +20,37 @@ must be an allowed host, so another site cannot ride a logged-in browser), or by
 `Authorization: Token <key>` header or the `token` query parameter (browsers cannot set headers on a
 WebSocket). Anonymous connections are refused at the handshake (403). Each channel needs the model
 permission that reads the same data in the API (`CHANNEL_PERMISSIONS`).
+
+Fan-out (`Fanout`): a web process holds ONE subscription per group to the channel layer, however many of
+its sockets subscribed, and hands each message to them itself, as the text the publisher serialised once.
+A push is written to the socket at once; only a socket whose client does not keep up gets a queue and a
+task (`HubConsumer.push`; at most MAX_QUEUED_MESSAGES queued, then it is disconnected: it can neither
+hold up the others nor grow the process). The consumers have no
+channel of their own: Channels' per-consumer dispatch costs two thread-pool hops per message (it closes
+stale database connections around each one), which at 1,000 sockets was most of a message's latency.
 """
 
 import asyncio
+import collections
 import json
 import logging
 import time
+from collections.abc import Coroutine
 from datetime import timedelta
+from importlib import import_module
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from channels.auth import AuthMiddlewareStack
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
 from channels.middleware import BaseMiddleware
 from channels.routing import URLRouter
 from django.conf import settings
+from django.contrib import auth
 from django.contrib.auth.models import AnonymousUser
+from django.http import HttpRequest
+from django.http.cookie import parse_cookie
 from django.http.request import split_domain_port, validate_host
 from django.urls import re_path
 from django.utils import timezone
@@ -50,6 +64,9 @@ logger = logging.getLogger(__name__)
 
 MAX_SUBSCRIPTIONS = 100
 MAX_MESSAGE_CHARS = 4096
+# Pushed messages waiting for one socket (its client reads slower than they come): beyond this it is closed.
+MAX_QUEUED_MESSAGES = 1000
+TOO_SLOW_CLOSE_CODE = 1013  # "try again later"
 CHANNEL_PERMISSIONS = {
     "ohlcv": "marketdata.view_candle",
     "jobs": "jobs.view_job",
@@ -112,7 +129,10 @@ def parse_subscription(message: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 class HubConsumer(AsyncWebsocketConsumer):
-    """One WebSocket client: its subscriptions are channel-layer groups."""
+    """One WebSocket client: its subscriptions are groups of this process's `Fanout`."""
+
+    # No channel-layer channel per socket: the process's Fanout pushes to it (`push`).
+    channel_layer_alias = None
 
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -120,17 +140,27 @@ class HubConsumer(AsyncWebsocketConsumer):
             await self.close()  # before accept: the handshake is refused with 403
             return
         self.subscriptions: dict[tuple, str] = {}
-        self.recent: list[str] = []
+        self.recent: collections.deque[str] = collections.deque(maxlen=32)
+        self.outgoing: collections.deque[str] = collections.deque()
+        self.sender: asyncio.Task | None = None
+        self.too_slow = False
+        self.fanout = Fanout.current()
         self.permissions = await database_sync_to_async(
             lambda: {c: user.has_perm(p) for c, p in CHANNEL_PERMISSIONS.items()}
         )()
         await self.accept()
         if settings.LIVE_OUTBOX:
-            OutboxRelay.ensure_running(self.channel_layer)
+            OutboxRelay.ensure_running(self.fanout)
 
     async def disconnect(self, code: int) -> None:
-        for group in getattr(self, "subscriptions", {}).values():
-            await self.channel_layer.group_discard(group, self.channel_name)
+        if not hasattr(self, "fanout"):
+            return  # refused at the handshake
+        for group in set(self.subscriptions.values()):
+            await self.fanout.discard(group, self)
+        self.subscriptions.clear()
+        self.outgoing.clear()
+        if self.sender is not None:
+            self.sender.cancel()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         try:
@@ -173,8 +203,8 @@ class HubConsumer(AsyncWebsocketConsumer):
             if len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
                 raise BadMessage(f"at most {MAX_SUBSCRIPTIONS} subscriptions per connection; unsubscribe first")
             group = group_for(channel, fields)
-            await self.channel_layer.group_add(group, self.channel_name)
             self.subscriptions[key] = group
+            await self.fanout.add(group, self)
         await self.reply({"type": "subscribed", "channel": channel, **fields})
 
     async def unsubscribe(self, key: tuple, channel: str, fields: dict[str, Any]) -> None:
@@ -182,29 +212,167 @@ class HubConsumer(AsyncWebsocketConsumer):
         if group is None:
             raise BadMessage(f"not subscribed to {json.dumps({'channel': channel, **fields})}", "channel")
         if group not in self.subscriptions.values():
-            await self.channel_layer.group_discard(group, self.channel_name)
+            await self.fanout.discard(group, self)
         await self.reply({"type": "unsubscribed", "channel": channel, **fields})
 
     async def reply(self, payload: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(payload))
 
-    async def live_message(self, event: dict[str, Any]) -> None:
-        """A group's message (`live.MESSAGE_TYPE`): sent on as it was serialised once by the publisher."""
+    def push(self, text: str, message_id: str | None) -> None:
+        """Send a group's message (serialised once by the publisher) to this socket without waiting: at
+        once when the connection takes it (the usual case), else behind the send that waits for the client
+        to read (`send_outgoing`)."""
         # A client subscribed to both `jobs` and `jobs` of one connector gets a job's message once.
-        message_id = event.get("id")
         if message_id is not None:
             if message_id in self.recent:
                 return
-            self.recent = [*self.recent[-31:], message_id]
-        await self.send(text_data=event["text"])
+            self.recent.append(message_id)
+        if self.too_slow:
+            return
+        if self.sender is not None:
+            if len(self.outgoing) >= MAX_QUEUED_MESSAGES:
+                self.too_slow = True
+                asyncio.get_running_loop().create_task(self.close_too_slow())
+            else:
+                self.outgoing.append(text)
+            return
+        send = self.base_send({"type": "websocket.send", "text": text})
+        try:
+            awaited = start(send)
+        except Exception:
+            return  # the client went away; disconnect() cleans up
+        if awaited is not DONE:
+            self.sender = asyncio.get_running_loop().create_task(self.send_outgoing(send, awaited))
+
+    async def send_outgoing(self, send: Coroutine, awaited: Any) -> None:
+        # A socket whose client reads slower than messages come (uvicorn holds a send while the
+        # connection's write buffer is full) gets this task; the fan-out goes on to the other sockets.
+        try:
+            await finish(send, awaited)
+            while self.outgoing:
+                await self.base_send({"type": "websocket.send", "text": self.outgoing.popleft()})
+        except Exception:  # the client went away; disconnect() cleans up
+            self.outgoing.clear()
+        finally:
+            self.sender = None
+
+    async def close_too_slow(self) -> None:
+        logger.warning("live hub: closing a client that left %d messages unread", len(self.outgoing))
+        self.outgoing.clear()
+        for group in set(self.subscriptions.values()):
+            await self.fanout.discard(group, self)
+        self.subscriptions.clear()
+        await self.close(code=TOO_SLOW_CLOSE_CODE, reason=f"too slow: {MAX_QUEUED_MESSAGES} messages unread")
+
+
+DONE = object()
+
+
+def start(coroutine: Coroutine) -> Any:
+    """Run `coroutine` in the calling task up to its first wait: DONE when it finished, else what it
+    waits for (hand both to `finish`). The eager start of Python 3.12's eager tasks, for 3.11: a push to
+    1,000 sockets costs no task per socket when none of them has to wait."""
+    try:
+        return coroutine.send(None)
+    except StopIteration:
+        return DONE
+
+
+async def finish(coroutine: Coroutine, awaited: Any) -> None:
+    """Run a coroutine that `start` left waiting for `awaited` (a future, or None: a bare yield) to its end."""
+    try:
+        while True:
+            if awaited is None:
+                await asyncio.sleep(0)
+            else:
+                await asyncio.wait([awaited])  # its outcome, even an exception, is the coroutine's to see
+            awaited = coroutine.send(None)
+    except StopIteration:
+        pass
+    except asyncio.CancelledError:
+        coroutine.close()  # runs its `finally` blocks (the waiter it registered is removed)
+        raise
+
+
+class Fanout:
+    """This process's live subscriptions: the sockets in each group, and one channel-layer subscription
+    per group that has any (Redis pub/sub; none in the embedded mode, where `OutboxRelay` delivers).
+
+    One per event loop (`current`). Publishers send {"group", "id", "text"} (`live.Publisher`); `deliver`
+    pushes the text to every socket of the group, without waiting for any of them.
+    """
+
+    _instances: dict[asyncio.AbstractEventLoop, "Fanout"] = {}
+
+    def __init__(self, layer: Any) -> None:
+        self.layer = layer
+        self.members: dict[str, set[HubConsumer]] = {}
+        self.channel: str | None = None
+        self.reader: asyncio.Task | None = None
+        self.failing = False
+
+    @classmethod
+    def current(cls) -> "Fanout":
+        loop = asyncio.get_running_loop()
+        if loop not in cls._instances:
+            cls._instances[loop] = cls(None if settings.LIVE_OUTBOX else get_channel_layer())
+        return cls._instances[loop]
+
+    async def add(self, group: str, consumer: HubConsumer) -> None:
+        members = self.members.get(group)
+        if members is None:
+            members = self.members[group] = set()
+            if self.layer is not None:
+                if self.channel is None:
+                    self.channel = await self.layer.new_channel("live-fanout.")
+                    self.reader = asyncio.get_running_loop().create_task(self.read(), name="live-fanout")
+                await self.layer.group_add(group, self.channel)
+        members.add(consumer)
+
+    async def discard(self, group: str, consumer: HubConsumer) -> None:
+        if self.forget(group, consumer) and self.layer is not None:
+            await self.layer.group_discard(group, self.channel)
+
+    def forget(self, group: str, consumer: HubConsumer) -> bool:
+        """Take `consumer` out of `group`; True when the group has no socket left (unsubscribe it)."""
+        members = self.members.get(group)
+        if members is None:
+            return False
+        members.discard(consumer)
+        if members:
+            return False
+        del self.members[group]
+        return True
+
+    def deliver(self, group: str, text: str, message_id: str | None = None) -> None:
+        for consumer in list(self.members.get(group, ())):
+            consumer.push(text, message_id)
+
+    async def read(self) -> None:
+        """The channel layer's messages for this process's groups, to their sockets."""
+        while True:
+            try:
+                message = await self.layer.receive(self.channel)
+                self.deliver(message["group"], message["text"], message.get("id"))
+                if self.failing:
+                    self.failing = False
+                    logger.info("live hub: the channel layer answers again")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not self.failing:
+                    self.failing = True
+                    logger.warning("live hub cannot read the channel layer: %s: %s", type(exc).__name__, exc)
+                await asyncio.sleep(1.0)
 
 
 class HubAuthMiddleware(BaseMiddleware):
     """Puts the connecting user in scope["user"]: a token's (header or query) or the session's.
 
-    Runs inside AuthMiddlewareStack, which has already resolved the session's user. A token, when given,
-    decides alone (a wrong one is refused, not replaced by the cookie). A session's user counts only when
-    the browser's Origin is one of ALLOWED_HOSTS: cookies go with cross-site WebSockets too.
+    A token, when given, decides alone (a wrong one is refused, not replaced by the cookie). A session's
+    user counts only when the browser's Origin is one of ALLOWED_HOSTS: cookies go with cross-site
+    WebSockets too. The session is read here rather than by Channels' session middleware, which would
+    wrap every send of the connection (each push) to save a session a WebSocket never changes.
     """
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> Any:
@@ -212,7 +380,9 @@ class HubAuthMiddleware(BaseMiddleware):
         key = token_from(scope)
         if key is not None:
             scope["user"] = await user_for_token(key)
-        elif not origin_allowed(scope):
+        elif origin_allowed(scope):
+            scope["user"] = await user_for_session(scope)
+        else:
             scope["user"] = AnonymousUser()
         return await super().__call__(scope, receive, send)
 
@@ -233,6 +403,18 @@ def user_for_token(key: str) -> Any:
     if token is None or not token.user.is_active:
         return AnonymousUser()
     return token.user
+
+
+@database_sync_to_async
+def user_for_session(scope: dict) -> Any:
+    """The user logged in with the session cookie of the handshake, as Django's auth middleware finds it."""
+    cookies = parse_cookie(next((v.decode("latin-1") for n, v in scope.get("headers", []) if n == b"cookie"), ""))
+    session_key = cookies.get(settings.SESSION_COOKIE_NAME)
+    if not session_key:
+        return AnonymousUser()
+    request = HttpRequest()
+    request.session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+    return auth.get_user(request)
 
 
 def origin_allowed(scope: dict) -> bool:
@@ -258,19 +440,19 @@ class OutboxRelay:
     BATCH = 5000
     _running: dict[asyncio.AbstractEventLoop, "asyncio.Task"] = {}
 
-    def __init__(self, layer: Any) -> None:
-        self.layer = layer
+    def __init__(self, fanout: Fanout) -> None:
+        self.fanout = fanout
         self.settled_id = 0  # every row up to here has been passed on
         self.seen: set[int] = set()
         self.failing = False
         self.trimmed_at = 0.0
 
     @classmethod
-    def ensure_running(cls, layer: Any) -> None:
+    def ensure_running(cls, fanout: Fanout) -> None:
         loop = asyncio.get_running_loop()
         task = cls._running.get(loop)
         if task is None or task.done():
-            cls._running[loop] = loop.create_task(cls(layer).run(), name="live-outbox-relay")
+            cls._running[loop] = loop.create_task(cls(fanout).run(), name="live-outbox-relay")
 
     async def run(self) -> None:
         self.settled_id = (
@@ -279,9 +461,7 @@ class OutboxRelay:
         while True:
             try:
                 for row in await database_sync_to_async(self.fetch)():
-                    await self.layer.group_send(
-                        row.group, {"type": live.MESSAGE_TYPE, "id": f"o{row.pk}", "text": json.dumps(row.payload)}
-                    )
+                    self.fanout.deliver(row.group, json.dumps(row.payload), f"o{row.pk}")
                 if self.failing:
                     self.failing = False
                     logger.info("live outbox relay: the database answers again")
@@ -313,4 +493,4 @@ websocket_urlpatterns = [re_path(r"^ws/?$", HubConsumer.as_asgi())]
 
 def websocket_application() -> Any:
     """The `websocket` branch of the ASGI application: authentication, then the hub at /ws."""
-    return AuthMiddlewareStack(HubAuthMiddleware(URLRouter(websocket_urlpatterns)))
+    return HubAuthMiddleware(URLRouter(websocket_urlpatterns))

@@ -54,7 +54,7 @@ OUTBOX_KEEP_SECONDS = 300.0
 OUTBOX_TRIM_INTERVAL_SECONDS = 60.0
 # Messages on their way to Redis beyond this are dropped (Redis hangs): memory stays bounded.
 MAX_PENDING = 10_000
-# The consumer method a group message is handed to (`HubConsumer.live_message`).
+# The type of a group message on the channel layer (read by `apps.monitoring.hub.Fanout`, not a consumer).
 MESSAGE_TYPE = "live.message"
 
 
@@ -135,10 +135,11 @@ class Publisher:
         try:
             layer = get_channel_layer()
             # Serialised once here, not once per client; the id lets a client in two of the groups
-            # (all jobs, one connector's) get it once.
+            # (all jobs, one connector's) get it once. A web process receives it once per group and
+            # fans it out to its sockets (`apps.monitoring.hub.Fanout`).
             event = {"type": MESSAGE_TYPE, "id": uuid.uuid4().hex, "text": json.dumps(payload)}
             for group in groups:
-                await layer.group_send(group, event)
+                await layer.group_send(group, {**event, "group": group})
         except Exception as exc:
             self.failed(exc)
         else:
