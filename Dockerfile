@@ -17,4 +17,4 @@ USER 10001
 EXPOSE 8000
 # The ASGI app (HTTP and the /ws hub) on gunicorn-managed uvicorn workers. WEB_BIND and WEB_CONCURRENCY
 # set the address and the worker processes; tests/test_production_server.py runs this very line.
-CMD ["sh", "-c", "exec gunicorn datacollector.asgi:application -k uvicorn_worker.UvicornWorker --bind \"${WEB_BIND:-0.0.0.0:8000}\" --workers \"${WEB_CONCURRENCY:-3}\" --graceful-timeout 30"]
+CMD ["sh", "-c", "exec gunicorn datacollector.asgi:application -k datacollector.workers.UvicornWorker --bind \"${WEB_BIND:-0.0.0.0:8000}\" --workers \"${WEB_CONCURRENCY:-3}\" --graceful-timeout 30"]

@@ -30,7 +30,8 @@ run: install
 	$(PY) manage.py collectstatic --noinput --verbosity 0 && \
 	trap 'kill 0' INT TERM EXIT; \
 	$(PY) manage.py run_scheduler & \
-	$(PY) -m uvicorn datacollector.asgi:application --host $(HOST) --port $(PORT) --ws websockets-sansio
+	$(PY) -m uvicorn datacollector.asgi:application --host $(HOST) --port $(PORT) --ws websockets-sansio \
+		--ws-per-message-deflate false
 
 # Ruff, then the whole pytest suite against PostgreSQL (DATABASE_URL, default the local server).
 test: install

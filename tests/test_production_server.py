@@ -106,7 +106,7 @@ def server(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[tup
 
 def test_the_image_command_is_gunicorn_with_uvicorn_workers_on_the_asgi_app() -> None:
     command = " ".join(dockerfile_command())
-    assert "gunicorn datacollector.asgi:application -k uvicorn_worker.UvicornWorker" in command
+    assert "gunicorn datacollector.asgi:application -k datacollector.workers.UvicornWorker" in command
     assert "${WEB_BIND" in command
     assert "${WEB_CONCURRENCY" in command
 
