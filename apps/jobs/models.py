@@ -5,6 +5,7 @@ import socket
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -16,6 +17,7 @@ from django.utils import timezone
 from apps.connectors.exchanges import is_known_exchange, offline_timeframes
 from apps.connectors.models import Connector, Market
 from apps.marketdata.timeframes import is_valid_timeframe, next_candle_close, timeframe_error
+from apps.monitoring import live
 from datacollector.config import get_config
 
 # ccxt unified symbols: BASE/QUOTE for spot, BASE/QUOTE:SETTLE for derivatives, optionally followed by
@@ -252,12 +254,12 @@ class JobQuerySet(models.QuerySet):
             return Run.objects.create(job=job, worker=worker, started_at=now)
 
     def pause(self) -> int:
-        return self.update(status=Job.Status.PAUSED, updated_at=timezone.now())
+        return self._operate(status=Job.Status.PAUSED, updated_at=timezone.now())
 
     def resume(self) -> int:
         """Activate, clear the error state, and run at once if the next run was further away."""
         now = timezone.now()
-        return self.update(
+        return self._operate(
             status=Job.Status.ACTIVE,
             last_error="",
             consecutive_failures=0,
@@ -267,9 +269,20 @@ class JobQuerySet(models.QuerySet):
 
     def run_now(self) -> int:
         now = timezone.now()
-        return self.update(
+        return self._operate(
             status=Job.Status.ACTIVE, last_error="", consecutive_failures=0, next_run_at=now, updated_at=now
         )
+
+    def _operate(self, **changes: Any) -> int:
+        """An operator's change (admin or API): update, and once it commits the live hub shows the jobs'
+        new state (`jobs` channel)."""
+        pks = list(self.values_list("pk", flat=True))
+        if not pks:
+            return 0
+        changed = self.model.objects.using(self.db).filter(pk__in=pks).update(**changes)
+        jobs = self.model.objects.using(self.db).filter(pk__in=pks).select_related("connector")
+        transaction.on_commit(lambda: live.jobs_changed(jobs), using=self.db)
+        return changed
 
 
 class Job(models.Model):

@@ -15,10 +15,12 @@ from apps.jobs.models import Job, Run
 from apps.marketdata.models import Gap
 from apps.marketdata.timeframes import ms_to_datetime, slot_after
 from apps.monitoring import live
-from apps.ratelimits.models import RateLimit
+from apps.ratelimits.models import RateLimit, Rejection
 
 # A job is overdue when its run is this late and no worker holds it.
 OVERDUE_AFTER = timedelta(minutes=2)
+# The 429/418 answers an exchange's row counts on first paint (live ones are added as they come).
+REJECTIONS_SINCE = timedelta(hours=1)
 LIST_LENGTH = 10
 
 
@@ -47,6 +49,13 @@ def fleet_summary() -> dict[str, Any]:
         .order_by("-missing")[:LIST_LENGTH]
     ]
     series = _series_freshness(now)
+    rejected = dict(
+        Rejection.objects.since(now - REJECTIONS_SINCE)
+        .values_list("exchange_id")
+        .annotate(n=Count("pk"))
+        .order_by()
+        .values_list("exchange_id", "n")
+    )
     return {
         "statuses": [(value, label, by_status.get(value, 0)) for value, label in Job.Status.choices],
         "job_total": sum(by_status.values()),
@@ -56,7 +65,10 @@ def fleet_summary() -> dict[str, Any]:
         "failing_count": failing.count(),
         "in_flight": list(in_flight[: LIST_LENGTH * 2]),
         "in_flight_count": in_flight.count(),
-        "ratelimits": [live.ratelimit_payload(row) for row in RateLimit.objects.order_by("exchange_id")],
+        "ratelimits": [
+            {**live.ratelimit_payload(row), "rejected_last_hour": rejected.get(row.exchange_id, 0)}
+            for row in RateLimit.objects.order_by("exchange_id")
+        ],
         "open_gaps": open_gaps,
         "gaps_by_series": gaps_by_series,
         "freshest": series[:5],

@@ -12,8 +12,9 @@ Client messages (JSON text frames):
 
 Answers: `subscribed` / `unsubscribed` (the subscription echoed), `pong`, and `error` with `error` (what
 was wrong) and `field` (which field, when one); a bad message never closes the connection. Pushed:
-`ohlcv` (a closed candle and its indicator values), `job` (started / finished, with the run), `backfill`
-(progress), `ratelimit` (bucket, back-off, circuit), `gaps` (a series' open gaps).
+`ohlcv` (a closed candle and its indicator values), `job` (event `started` / `finished`, with the run;
+`status`: paused, resumed or made due by an operator, no run), `backfill` (progress), `ratelimit`
+(bucket, back-off, circuit), `gaps` (a series' open gaps).
 
 Who may connect: the same users as the API, by the session cookie (from a page of this site: the Origin
 must be an allowed host, so another site cannot ride a logged-in browser), or by a token in the

@@ -17,6 +17,8 @@ Two ways to the web processes, chosen by REDIS_URL (see `settings.CHANNEL_LAYERS
 Groups (what a WebSocket client subscribes to, `apps.monitoring.hub.HubConsumer`) are named here.
 """
 
+from __future__ import annotations
+
 import asyncio
 import atexit
 import concurrent.futures
@@ -27,19 +29,22 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
-from apps.jobs.models import Job, Run
 from apps.marketdata import store
 from apps.marketdata.timeframes import slot_before
 from apps.monitoring.models import LiveEvent
 from apps.ratelimits.models import RateLimit
 from apps.ratelimits.serializers import available_tokens, circuit_state
+
+if TYPE_CHECKING:  # apps.jobs.models publishes an operator's changes through this module
+    from apps.jobs.models import Job, Run
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +234,19 @@ def _job_message(event: str, job: Job, run: Run) -> tuple[list[str], dict[str, A
         [jobs_group(), jobs_group(job.connector_id)],
         {"type": "job", "event": event, "job": job_payload(job), "run": run_payload(run)},
     )
+
+
+def jobs_changed(jobs: Iterable[Job]) -> None:
+    """Jobs an operator paused, resumed or made due (committed; admin or API): their new state on `jobs`,
+    event `status` (no run)."""
+    try:
+        for job in jobs:
+            publisher.publish(
+                [jobs_group(), jobs_group(job.connector_id)],
+                {"type": "job", "event": "status", "job": job_payload(job)},
+            )
+    except Exception as exc:
+        publisher.failed(exc)
 
 
 def run_started(run: Run) -> None:

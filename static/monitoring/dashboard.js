@@ -41,6 +41,11 @@
   function onJob(message) {
     var job = message.job, run = message.run;
     var flight = document.getElementById("in-flight");
+    if (message.event === "status") {  // paused, resumed or made due by an operator: no run
+      setStatus(job);
+      showFailing(job);
+      return;
+    }
     if (message.event === "started") {
       var row = el("tr", { "data-run": String(run.id) });
       row.appendChild(el("td", {}, series(job)));
@@ -63,6 +68,10 @@
       document.querySelectorAll('#freshest tr[data-job="' + job.id + '"] .last-candle, #stalest tr[data-job="' + job.id + '"] .last-candle')
         .forEach(function (cell) { cell.textContent = utc(job.cursor); });
     }
+    showFailing(job);
+  }
+
+  function showFailing(job) {
     var failing = document.querySelector('#failing tr[data-job="' + job.id + '"]');
     if (job.consecutive_failures || job.status === "error") {
       if (!failing) {

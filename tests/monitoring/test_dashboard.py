@@ -10,7 +10,7 @@ from django.utils import timezone
 from apps.connectors.models import Connector
 from apps.jobs.models import Job, Run
 from apps.marketdata.models import Gap
-from apps.ratelimits.models import RateLimit
+from apps.ratelimits.models import RateLimit, Rejection
 from tests.conftest import grant
 
 INDEX = reverse("admin:index")
@@ -64,6 +64,16 @@ def test_index_shows_the_fleet_at_a_glance_with_links(admin_client, fleet) -> No
     assert "monitoring/dashboard.js" in content
     assert 'id="fleet-state"' in content
     assert "Connectors" in content  # the usual app list follows
+
+
+def test_the_429_count_starts_from_the_last_hours_rejections(admin_client, fleet) -> None:
+    now = timezone.now()
+    for minutes in (5, 50, 180):
+        Rejection.objects.create(exchange_id="binance", at=now - timedelta(minutes=minutes), retry_after=1.0)
+
+    content = admin_client.get(INDEX).content.decode()
+
+    assert '<td class="num rejected" data-count="2">2</td>' in content
 
 
 def test_index_costs_a_bounded_number_of_queries(admin_client, fleet, django_assert_max_num_queries) -> None:
