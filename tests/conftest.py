@@ -4,6 +4,8 @@ from django.contrib.auth.models import Permission
 from django.core.cache import cache
 from rest_framework.test import APIClient
 
+from apps.jobs import collect
+
 # The project's own apps: their models are what the API's permissions are about.
 PROJECT_APPS = ["connectors", "jobs", "ratelimits", "marketdata", "monitoring"]
 
@@ -29,6 +31,12 @@ def _plain_static_names(settings) -> None:
 def _fresh_throttles() -> None:
     # DRF's throttles count in the cache, which outlives a test: each test starts with none counted.
     cache.clear()
+
+
+@pytest.fixture(autouse=True)
+def _no_remembered_gap_checks() -> None:
+    # Collection remembers, per process, series it found without open gaps; a test's series are new.
+    collect._no_open_gaps.clear()
 
 
 def grant(user, *codenames: str, apps: list[str] = PROJECT_APPS):

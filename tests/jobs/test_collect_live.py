@@ -4,9 +4,12 @@ Binance. A run that only appends records no gap, and still finds a hole in what 
 from datetime import UTC, datetime
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from apps.connectors import exchanges
 from apps.connectors.models import Connector
+from apps.jobs import collect
 from apps.jobs.collect import collect_job
 from apps.jobs.models import Job
 from apps.marketdata import store
@@ -78,3 +81,29 @@ def test_a_run_with_nothing_to_fetch_and_no_gaps_counts_none(job, fake):
     job.cursor = LAST_CLOSED
     result = collect_job(job, None, noop)
     assert (result.pages, result.gaps_open) == (0, 0)
+
+
+def test_appending_runs_ask_for_open_gaps_again_only_after_the_recheck_interval(job, fake, monkeypatch):
+    def gap_queries() -> int:
+        with CaptureQueriesContext(connection) as queries:
+            collect_job(job, None, noop)
+        return sum('"marketdata_gap"' in query["sql"] for query in queries.captured_queries)
+
+    assert gap_queries() == 1  # first run: no series found without gaps yet
+    # A gap recorded by someone else meanwhile (a backfill, the admin).
+    Gap.objects.create(
+        exchange_id="binance",
+        symbol="BTC/USDT",
+        timeframe="1m",
+        start_ts=LAST_CLOSED - 60 * MINUTE,
+        end_ts=LAST_CLOSED - 60 * MINUTE,
+        missing=1,
+    )
+    exchanges.clear_clients()  # forget the exchange clock this process keeps
+    fake.fixed_now_ms += MINUTE
+    assert gap_queries() == 0  # appended one candle: the gap check is skipped within the interval
+    monkeypatch.setattr(collect, "GAPS_RECHECK_SECONDS", 0.0)
+    exchanges.clear_clients()
+    fake.fixed_now_ms += MINUTE
+    assert gap_queries() >= 1  # after it: asked again, and the gap is refetched
+    assert not Gap.objects.exists()  # refetched: the exchange has those candles
