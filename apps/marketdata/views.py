@@ -204,7 +204,10 @@ def indicators(request: Request) -> Response | StreamingHttpResponse:
 # --- Coverage, gaps, anomalies, series ------------------------------------------------------------
 
 
-@extend_schema(parameters=[SeriesFilterSerializer, *PAGE_PARAMETERS], responses={200: CoveragePageSerializer})
+@extend_schema(
+    parameters=[SeriesFilterSerializer, *PAGE_PARAMETERS],
+    responses={200: CoveragePageSerializer, 404: ErrorSerializer, 503: ErrorSerializer},
+)
 @api_view(["GET"])
 @permission_classes([requires("marketdata.view_candle")])
 def coverage_view(request: Request) -> Response:

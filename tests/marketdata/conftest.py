@@ -17,6 +17,9 @@ import mongomock_ng
 import pytest
 
 from apps.marketdata import mongostore, store
+from datacollector.config import get_config
+
+BASE_CONFIG = Path(__file__).resolve().parents[2] / "config" / "collector.yaml"
 
 
 @pytest.fixture
@@ -84,3 +87,18 @@ def run_on_sqlite(script: str, database: Path, stdin: str | None = None) -> dict
     )
     assert child.returncode == 0, child.stderr
     return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def retention_config(settings, tmp_path):
+    """collector.yaml with `retention.days` replaced by the given mapping."""
+
+    def configure(days: dict[str, int]) -> None:
+        path = tmp_path / "collector.yaml"
+        text = BASE_CONFIG.read_text().replace("retention:\n  days: {}", f"retention:\n  days: {days!r}")
+        path.write_text(text)
+        settings.COLLECTOR_CONFIG = str(path)
+        get_config.cache_clear()
+
+    yield configure
+    get_config.cache_clear()

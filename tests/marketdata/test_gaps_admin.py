@@ -48,8 +48,8 @@ def test_the_series_overview_lists_coverage_and_gaps(admin_client, confirmed_gap
 
     assert response.status_code == 200
     [row] = response.context["rows"]
-    assert (row["series"].count, row["expected"], row["complete"]) == (3, 6, "50.00%")
-    assert row["gaps"]["confirmed_missing"] == 3
+    assert (row["candles"], row["expected"], row["complete"]) == (3, 6, "50.00%")
+    assert row["confirmed_empty"] == 3
 
 
 def test_gaps_cannot_be_added_by_hand(admin_client, sql_store):
