@@ -151,7 +151,8 @@ def child(export_id: int) -> None:
     else:
         status = run_task(task)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    kernel = resource.getrusage(resource.RUSAGE_SELF).ru_stime - start.ru_stime
+    end = resource.getrusage(resource.RUSAGE_SELF)
+    kernel, faults = end.ru_stime - start.ru_stime, end.ru_minflt - start.ru_minflt
     server_after = backend_cpu(connection)
     export = Export.objects.select_related("task").get(pk=export_id)
     if PROFILE:
@@ -166,6 +167,7 @@ def child(export_id: int) -> None:
                 "wall": wall,
                 "cpu": cpu,
                 "kernel_cpu": kernel,
+                "page_faults": faults,
                 "server_cpu": None if server is None or server_after is None else server_after - server,
                 "floor_mb": floor_kb / 1024,
                 "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -193,7 +195,8 @@ def run_format(format: str, export_dir: str) -> None:
     print(
         f"  {format:<8} {figures['rows']:,} candles in {figures['wall']:.2f}s = "
         f"{figures['rows'] / figures['wall']:,.0f} candles/s; {figures['size'] / 1e6:,.0f} MB file; "
-        f"CPU: worker {figures['cpu']:.1f}s (kernel {figures['kernel_cpu']:.1f}s), PostgreSQL {server}; "
+        f"CPU: worker {figures['cpu']:.1f}s (kernel {figures['kernel_cpu']:.1f}s, "
+        f"{figures['page_faults']:,} page faults), PostgreSQL {server}; "
         f"peak RSS {figures['peak_mb']:.0f} MB (floor before the export {figures['floor_mb']:.0f} MB); "
         f"load average {os.getloadavg()[0]:.1f}",
         flush=True,

@@ -51,8 +51,9 @@ def bits(value: float) -> bytes:
     return struct.pack("<d", value)
 
 
-def test_csv_values_read_back_bit_for_bit_across_text_slices(sql_store, monkeypatch):
+def test_csv_values_read_back_bit_for_bit_across_text_slices_and_writes(sql_store, monkeypatch):
     monkeypatch.setattr(exports, "TEXT_SLICE", 7)  # several slices per chunk, and a short last one
+    monkeypatch.setattr(exports, "WRITE_PIECE", 50)  # lines split across writes
     candles = awkward_candles(40)
     store.upsert_candles("binance", "BTC/USDT", "1m", candles)
     text = export_file("csv").decode()
