@@ -341,6 +341,17 @@ class NoProgress(TransientExchangeError):
 # While half-open and another worker holds the trial, ask again this often.
 _TRIAL_POLL_SECONDS = 1.0
 
+# When this process last found each exchange's circuit closed with no failures (the guard's clock); see
+# `_Guard._check_circuit`. A failure of ours forgets it at once.
+CIRCUIT_REMEMBER_SECONDS = 1.0
+_circuit_closed_at: dict[str, float] = {}
+_circuit_lock = threading.Lock()
+
+
+def _forget_circuit(exchange_id: str) -> None:
+    with _circuit_lock:
+        _circuit_closed_at.pop(exchange_id, None)
+
 
 class _Guard:
     """The shared limiter, the circuit breaker and the retries around every request of one exchange."""
@@ -449,14 +460,17 @@ class _Guard:
         # most requests then need no write at all.
         failures_recorded, trial = self._check_circuit(policy)
         try:
-            self.stats.rate_limit_wait += RateLimit.objects.acquire(
-                self.exchange_id, weight, policy.acquire_timeout_seconds, self._limit
-            )
+            waited = RateLimit.objects.acquire(self.exchange_id, weight, policy.acquire_timeout_seconds, self._limit)
         except RateLimitTimeout as exc:
             # Not an exchange failure: the shared budget is spent (or the exchange banned us for a while).
             error = _Retryable(str(exc), exc.wait)
             error.label = "no rate-limit tokens"  # type: ignore[attr-defined]
             raise error from exc
+        self.stats.rate_limit_wait += waited
+        if waited > 0 and not trial:
+            # The circuit may have opened (and gone half-open) while we waited, unseen by a remembered
+            # state: look again before sending, so that a half-open circuit still gets exactly one trial.
+            failures_recorded, trial = self._check_circuit(policy, remembered=False)
         self.stats.requests += 1
         try:
             with FETCH_SECONDS.labels(self.exchange_id).time():
@@ -476,6 +490,7 @@ class _Guard:
                 raise error from exc
             error.label = fault_label(exc, what)  # type: ignore[attr-defined]
             self.stats.failures += 1
+            _forget_circuit(self.exchange_id)
             opened = RateLimit.objects.record_failure(
                 self.exchange_id, policy.circuit_threshold, policy.circuit_cooldown_seconds
             )
@@ -491,10 +506,18 @@ class _Guard:
                 logger.info("%s: trial request succeeded while the circuit is half-open", self.exchange_id)
         return result
 
-    def _check_circuit(self, policy: RetryPolicy) -> tuple[bool, bool]:
+    def _check_circuit(self, policy: RetryPolicy, remembered: bool = True) -> tuple[bool, bool]:
         """Raise while the exchange's circuit is open; else (failures recorded against it, this is the
-        half-open circuit's one trial request)."""
+        half-open circuit's one trial request).
+
+        A closed circuit with no failures recorded is remembered by the process for
+        CIRCUIT_REMEMBER_SECONDS: at a minute's close every worker thread asks at once, and the healthy
+        answer rarely changes. Trusting it a moment too long is safe: the bucket grants no tokens while
+        the circuit is open, and a request that had to wait for them looks again (`remembered=False`).
+        """
         now = timezone.now()
+        if remembered and self._circuit_closed_lately():
+            return False, False
         state = (
             RateLimit.objects.filter(exchange_id=self.exchange_id)
             .values_list("circuit_failures", "circuit_open_until")
@@ -503,6 +526,9 @@ class _Guard:
         if state is None:  # no bucket yet: acquire creates it, with nothing recorded
             return False, False
         failures, open_until = state
+        if open_until is None and not failures:
+            with _circuit_lock:
+                _circuit_closed_at[self.exchange_id] = self.clock()
         if open_until is None:
             return bool(failures), False
         if open_until > now:
@@ -518,6 +544,11 @@ class _Guard:
             f"{self.exchange_id}: circuit half-open, another worker's trial request is in flight",
             _TRIAL_POLL_SECONDS,
         )
+
+    def _circuit_closed_lately(self) -> bool:
+        with _circuit_lock:
+            seen = _circuit_closed_at.get(self.exchange_id)
+        return seen is not None and 0 <= self.clock() - seen < CIRCUIT_REMEMBER_SECONDS
 
     def learn_announced(self, weight_per_minute: int) -> None:
         """The exchange announced its request weight per minute: cap the shared bucket and measure the
@@ -1237,3 +1268,5 @@ def clear_clients() -> None:
         _markets_cache.clear()
     with _clock_lock:
         _clock_cache.clear()
+    with _circuit_lock:
+        _circuit_closed_at.clear()

@@ -7,12 +7,13 @@ through `exchanges.RETRY_POLICY`.
 import re
 import threading
 import urllib.request
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from urllib.error import HTTPError
 
 import ccxt
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from apps.connectors import exchanges
@@ -394,3 +395,28 @@ def test_stale_markets_serve_while_another_thread_reloads_them(connector, fake, 
         loading.release()
     client.markets()
     assert fake.counts["requests"] == 2  # once nobody else is loading, the stale markets are reloaded
+
+
+def test_a_healthy_circuit_is_read_once_a_second_per_process(client, fake):
+    client.fetch_ohlcv("BTC/USDT", "1m", SINCE, 10)  # markets, clock, bucket created
+    with CaptureQueriesContext(connection) as queries:
+        for _ in range(5):
+            client.fetch_ohlcv("BTC/USDT", "1m", SINCE, 10)
+    circuit_reads = [q for q in queries.captured_queries if '"circuit_open_until" FROM' in q["sql"]]
+    assert len(circuit_reads) <= 1
+    assert len(fake.klines_requests) == 6
+
+
+def test_a_circuit_opened_by_another_process_stops_requests_after_the_wait_it_causes(client, fake, policy):
+    client.fetch_ohlcv("BTC/USDT", "1m", SINCE, 10)  # this process now remembers the circuit as healthy
+    # Another process opens the circuit: this one's bucket refuses tokens until it ends, and the request
+    # that waited for them looks at the circuit again before it is sent.
+    policy.attempts = 1
+    RateLimit.objects.filter(exchange_id="binance").update(
+        circuit_failures=5,
+        circuit_open_until=timezone.now() + timedelta(seconds=0.3),
+        circuit_trial_until=timezone.now() + timedelta(seconds=60),
+    )
+    with pytest.raises(TransientExchangeError, match="half-open"):
+        client.fetch_ohlcv("BTC/USDT", "1m", SINCE, 10)
+    assert len(fake.klines_requests) == 1  # another worker holds the half-open circuit's one trial
