@@ -2,6 +2,7 @@
 outbox layer), real `run_scheduler` processes on the simulated exchange and a real WebSocket client."""
 
 import asyncio
+import collections
 import json
 import socket
 import subprocess
@@ -9,19 +10,26 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
 import websockets
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.test import Client
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
+from websockets.client import ClientProtocol
+from websockets.frames import Opcode
+from websockets.http11 import Response
+from websockets.uri import parse_uri
 
 from apps.connectors.models import Connector
 from apps.jobs.models import Job
 from apps.marketdata import store
-from apps.monitoring.hub import MAX_SUBSCRIPTIONS
+from apps.monitoring.hub import MAX_QUEUED_MESSAGES, MAX_SUBSCRIPTIONS, TOO_SLOW_CLOSE_CODE
 from tests.conftest import grant
 from tests.jobs.conftest import track
 from tests.jobs.standins import child_env
@@ -238,3 +246,111 @@ def test_embedded_layer_carries_a_candle_from_the_scheduler_process_to_the_web_p
             assert candle["symbol"] == "BTC/USDT"
 
     asyncio.run(scenario())
+
+
+@needs_redis
+def test_a_logged_in_browser_connects_with_its_session_from_this_site_only(tmp_path) -> None:
+    # The server signs nothing the test did not: the session's auth hash needs the same SECRET_KEY.
+    url = start_server(tmp_path, REDIS_URL=REDIS_URL, SECRET_KEY=settings.SECRET_KEY)
+    grant(get_user_model().objects.create_user("browser", password="browser-password-1"))
+    browser = Client()
+    assert browser.login(username="browser", password="browser-password-1")
+    cookie = f"{settings.SESSION_COOKIE_NAME}={browser.cookies[settings.SESSION_COOKIE_NAME].value}"
+    origin = url.replace("ws://", "http://").removesuffix("/ws")
+
+    async def scenario() -> None:
+        async with websockets.connect(url, additional_headers={"Cookie": cookie}, origin=origin) as ws:
+            assert await send(ws, action="subscribe", channel="jobs") == {"type": "subscribed", "channel": "jobs"}
+        # The same cookie sent along by another site's page (or with no Origin) is not a login.
+        for other in ("http://evil.example", None):
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                async with websockets.connect(url, additional_headers={"Cookie": cookie}, origin=other):
+                    pass
+            assert refused.value.response.status_code == 403
+
+    asyncio.run(scenario())
+
+
+def publish_jobs_messages(count: int, padding: int) -> None:
+    """A separate process publishes `count` messages of some `padding` characters to the `jobs` group."""
+    message = f"{{'type': 'job', 'event': 'test', 'n': n, 'pad': 'x' * {padding}}}"
+    code = (
+        "import django; django.setup(); from apps.monitoring import live\n"
+        f"for n in range({count}):\n"
+        f"    live.publisher.publish([live.jobs_group()], {message})\n"
+        "live.publisher.flush(timeout=60)\n"
+    )
+    env = child_env(REDIS_URL=REDIS_URL, DJANGO_SETTINGS_MODULE="datacollector.settings")
+    subprocess.run([sys.executable, "-c", code], cwd=settings.BASE_DIR, env=env, check=True, timeout=TIMEOUT)
+
+
+class StalledClient:
+    """A WebSocket client on a blocking socket with a small receive buffer, which reads only when asked:
+    once subscribed, it stops reading like a browser tab that hangs."""
+
+    def __init__(self, url: str) -> None:
+        self.protocol = ClientProtocol(parse_uri(url))
+        self.events: collections.deque = collections.deque()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16_384)  # no autotuning to megabytes
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect(("127.0.0.1", urlsplit(url).port))
+        self.protocol.send_request(self.protocol.connect())
+        self.flush()
+        self.texts: list[dict] = []
+        self.close_code: int | None = None
+        assert isinstance(self.next_event(), Response)
+
+    def flush(self) -> None:
+        self.sock.sendall(b"".join(self.protocol.data_to_send()))
+
+    def next_event(self) -> Any:
+        while not self.events:
+            data = self.sock.recv(65536)
+            if data:
+                self.protocol.receive_data(data)
+            else:
+                self.protocol.receive_eof()
+            self.flush()
+            self.events.extend(self.protocol.events_received())
+        return self.events.popleft()
+
+    def send(self, **message: Any) -> dict:
+        self.protocol.send_text(json.dumps(message).encode())
+        self.flush()
+        return json.loads(self.next_event().data)
+
+    def read_to_the_end(self) -> None:
+        """Every message still on its way, up to the server's close."""
+        while self.close_code is None:
+            frame = self.next_event()
+            if frame.opcode is Opcode.TEXT:
+                self.texts.append(json.loads(frame.data))
+            elif frame.opcode is Opcode.CLOSE:
+                self.close_code = self.protocol.close_rcvd.code
+        self.sock.close()
+
+
+@needs_redis
+def test_a_client_that_stops_reading_is_closed_and_holds_up_no_one(tmp_path, token) -> None:
+    url = start_server(tmp_path, REDIS_URL=REDIS_URL)
+    stalled = StalledClient(f"{url}?token={token}")
+    assert stalled.send(action="subscribe", channel="jobs")["type"] == "subscribed"
+    # Messages of 8 kB: more than the server's socket buffer (4 MB at most) holds, and then more than
+    # MAX_QUEUED_MESSAGES queued for the client that reads nothing.
+    count = MAX_QUEUED_MESSAGES * 3
+
+    async def read_all() -> list[int]:
+        async with websockets.connect(f"{url}?token={token}", max_size=None) as reader:
+            assert (await send(reader, action="subscribe", channel="jobs"))["type"] == "subscribed"
+            publishing = asyncio.create_task(asyncio.to_thread(publish_jobs_messages, count, 8000))
+            received = [(await receive(reader, "job"))["n"] for _ in range(count)]
+            await publishing
+            return received
+
+    received = asyncio.run(read_all())
+    stalled.read_to_the_end()
+
+    assert received == list(range(count))  # every message, in order, while the other client read nothing
+    assert 0 < len(stalled.texts) < count
+    assert stalled.close_code == TOO_SLOW_CLOSE_CODE
