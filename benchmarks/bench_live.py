@@ -52,6 +52,19 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _postgres_cpu_seconds() -> float:
+    """User + system CPU of every PostgreSQL server process on this machine (its backends included)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if text[text.find("(") + 1 : text.rfind(")")].startswith("postgres"):
+            total += _cpu_seconds(int(stat.parent.name))
+    return total
+
+
 def close_to_commit_delays(cursor: int, started: float, stopped: float) -> tuple[list[float], int, int]:
     """(delays in seconds, candles closed but not stored by `stopped`, jobs left out); see the module doc."""
     from apps.jobs.models import Job, Run
@@ -156,6 +169,7 @@ def main() -> None:
             )
             fake.reset()
             env = {**os.environ, "PYTHONPATH": str(ROOT), "LOG_LEVEL": "WARNING"}
+            fake_cpu, postgres_cpu = _cpu_seconds(fake.pid), _postgres_cpu_seconds()
             started = time.time()
             children = [
                 subprocess.Popen(
@@ -182,6 +196,8 @@ def main() -> None:
                     time.sleep(min(5.0, max(0.0, started + seconds - time.time())))
                     loads.append(os.getloadavg()[0])
                 cpu_seconds = sum(_cpu_seconds(child.pid) for child in children)
+                fake_cpu = _cpu_seconds(fake.pid) - fake_cpu
+                postgres_cpu = _postgres_cpu_seconds() - postgres_cpu
             finally:
                 for child in children:
                     child.send_signal(signal.SIGTERM)
@@ -222,6 +238,12 @@ def main() -> None:
                 f"({wall_per_run * 1000:.0f} ms "
                 f"of wall time), {cpu_share:.0%} of the machine; workers busy {worker_share:.0%} of the time; "
                 f"load average {load:.2f} while they ran (sampled every 5 s)",
+                flush=True,
+            )
+            per_run = 1000 / max(1, succeeded)
+            print(
+                f"CPU a run: schedulers {cpu_per_run * 1000:.1f} ms + PostgreSQL {postgres_cpu * per_run:.1f} ms "
+                f"+ the fake exchange {fake_cpu * per_run:.1f} ms (it shares this machine; a real one does not)",
                 flush=True,
             )
             cores = os.cpu_count() or 1
