@@ -325,8 +325,10 @@ class Fanout:
             members = self.members[group] = set()
             if self.layer is not None:
                 if self.channel is None:
-                    self.channel = await self.layer.new_channel("live-fanout.")
-                    self.reader = asyncio.get_running_loop().create_task(self.read(), name="live-fanout")
+                    channel = await self.layer.new_channel("live-fanout.")
+                    if self.channel is None:  # not made by another socket's add meanwhile
+                        self.channel = channel
+                        self.reader = asyncio.get_running_loop().create_task(self.read(), name="live-fanout")
                 await self.layer.group_add(group, self.channel)
         members.add(consumer)
 
