@@ -137,7 +137,7 @@ class ExchangeDetailView(APIView):
 
     permission_classes = [requires("connectors.view_connector")]
 
-    @extend_schema(responses={200: OpenApiTypes.OBJECT, 404: ErrorSerializer})
+    @extend_schema(operation_id="v1_exchanges_detail", responses={200: OpenApiTypes.OBJECT, 404: ErrorSerializer})
     def get(self, request: Request, exchange_id: str) -> Response:
         _known_or_404(exchange_id)
         connector = Connector.objects.filter(exchange_id=exchange_id).values("pk", "enabled").first()
