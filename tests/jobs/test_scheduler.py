@@ -314,7 +314,28 @@ def test_workers_of_one_process_share_a_claimed_batch(connector):
     for worker in workers:
         worker.join(timeout=60)
     assert list(Run.objects.values_list("status", flat=True)) == [Run.Status.SUCCESS] * 2
-    assert Run.objects.values("worker").distinct().count() == 1  # one claim, two workers
+
+
+def test_a_claimed_batch_is_handed_to_the_next_free_worker_without_a_second_claim(connector):
+    for i in range(2):
+        Job.objects.create(connector=connector, symbol=f"S{i}/USDT", timeframe="1m")
+    scheduler = make_scheduler(standins.instant, batch_size=10)
+    first, second = scheduler.next_run(), scheduler.next_run()
+    assert {first.job.symbol, second.job.symbol} == {"S0/USDT", "S1/USDT"}
+    assert first.worker == second.worker  # one claim for both
+    assert scheduler._running == 2
+
+
+def test_concurrent_claims_of_one_process_never_take_more_than_its_free_workers(connector):
+    for i in range(20):
+        Job.objects.create(connector=connector, symbol=f"S{i}/USDT", timeframe="1m")
+    scheduler = make_scheduler(standins.instant, batch_size=10, workers=4)
+    with scheduler._lock:
+        scheduler._running = 3  # three workers busy, one claim of theirs on its way
+    assert scheduler.claim_limit() == 1
+    run = scheduler.next_run()
+    assert run is not None
+    assert len(scheduler._queue) == 0  # the free worker claimed one job, for itself
 
 
 def test_a_claim_takes_no_more_jobs_than_workers_free_to_start_them(connector):

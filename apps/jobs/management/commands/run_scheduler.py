@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import close_old_connections, connection
+from django.db import close_old_connections, connection, connections
 from django.utils.module_loading import import_string
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -71,6 +71,20 @@ Collector = Callable[[Job, Run, Callable[[], None]], Any]
 REPLAY_RELEASES_SECONDS = 5.0
 
 
+# How long a worker thread keeps its database connection when CONN_MAX_AGE (meant for web requests) says to
+# close it after each: the worker loop's close_old_connections() would otherwise open a new connection for
+# every run, a PostgreSQL backend start and Django's connection set-up each time. Broken connections are
+# still replaced at once.
+WORKER_CONN_MAX_AGE_SECONDS = 300
+
+
+def keep_worker_connections() -> None:
+    """Let this process's worker threads keep their connections (see WORKER_CONN_MAX_AGE_SECONDS)."""
+    for alias in connections:
+        if connections.settings[alias].get("CONN_MAX_AGE") == 0:
+            connections.settings[alias]["CONN_MAX_AGE"] = WORKER_CONN_MAX_AGE_SECONDS
+
+
 class Scheduler:
     """The work of one `run_scheduler` process, shared by its worker threads.
 
@@ -109,6 +123,9 @@ class Scheduler:
         self._queue: deque[Run] = deque()
         self._running = 0  # runs handed to a worker and not finished yet
         self._lock = threading.Lock()
+        # Claims of this process on their way, and a condition to wait for them under `_lock`.
+        self._claiming = 0
+        self._claimed = threading.Condition(self._lock)
         self._claims = itertools.count()
         self._last_reap = 0.0
         self._last_export_sweep = 0.0
@@ -116,14 +133,45 @@ class Scheduler:
         self._outages_seen = availability.outages
 
     def next_run(self) -> Run | None:
-        """A claimed run to execute, claiming a new batch when none is left; None when nothing is due."""
+        """A claimed run to execute, claiming a new batch when none is left; None when nothing is due.
+
+        The claim itself runs outside the lock: at a minute's close every worker finishing a run claims
+        its next one, and claims made one at a time under the lock left half the workers waiting for it.
+        While a claim is on its way, the workers it may claim for count as running, so that concurrent
+        claims of this process together never take more jobs than it has workers free to start them.
+        """
         with self._lock:
-            if not self._queue and not self.stopping.is_set():
-                # Each claim gets its own lease owner, "<worker id>/<claim number>": a job whose
-                # lease expired and that this same process reclaims is then told apart from the
-                # stale claim, whose heartbeat and release must fail.
-                owner = f"{self.worker_id}/{next(self._claims)}"
-                self._queue.extend(self._claim(owner, self.claim_limit()))
+            if self._queue:
+                self._running += 1
+                return self._queue.popleft()
+            if self.stopping.is_set():
+                return None
+            limit = self.claim_limit()
+            self._running += limit
+            self._claiming += 1
+            # Each claim gets its own lease owner, "<worker id>/<claim number>": a job whose lease expired
+            # and that this same process reclaims is then told apart from the stale claim, whose heartbeat
+            # and release must fail.
+            owner = f"{self.worker_id}/{next(self._claims)}"
+        runs: list[Run] = []
+        try:
+            runs = self._claim(owner, limit)
+        finally:
+            with self._lock:
+                self._running -= limit
+                self._claiming -= 1
+                if runs:
+                    # One for this worker; the rest for the free workers that were counted for them.
+                    self._running += 1
+                    self._queue.extend(runs[1:])
+                self._claimed.notify_all()
+        if runs:
+            return runs[0]
+        with self._lock:
+            # A sibling's claim may hold the due jobs this one skipped as locked: wait for it and take one
+            # of them rather than idle while they wait in its queue.
+            while not self._queue and self._claiming and not self.stopping.is_set():
+                self._claimed.wait(timeout=1.0)
             if not self._queue:
                 return None
             self._running += 1
@@ -467,6 +515,7 @@ class Command(BaseCommand):
             logger.info("metrics on %s:%s", address, server.server_port, extra={"port": server.server_port})
         # Every worker opens its own connection; the main thread only supervises.
         connection.close()
+        keep_worker_connections()
 
         config = get_config().scheduler
         self.stopping = threading.Event()
