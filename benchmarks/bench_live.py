@@ -53,7 +53,8 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _postgres_cpu_seconds() -> float:
-    """User + system CPU of every PostgreSQL server process on this machine (its backends included)."""
+    """User + system CPU of every PostgreSQL server process on this machine (its backends included; a
+    backend that exited meanwhile is not counted, so the schedulers keep theirs open)."""
     total = 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -111,7 +112,8 @@ def bounded_by(
     load: float,
 ) -> str:
     """What limits the delay, from the run's own figures: the exchange, else the slower of two floors on the
-    time one burst of `series` due runs takes (the workers' wall time per run, the schedulers' CPU)."""
+    time one burst of `series` due runs takes (the workers' wall time per run, the CPU of the schedulers and
+    PostgreSQL per run)."""
     if rejected:
         return f"the exchange: {rejected} requests rejected (429/418)"
     if budget_used >= 0.9:
@@ -122,8 +124,8 @@ def bounded_by(
         f"{series} runs x {wall_per_run * 1000:.0f} ms of wall time / {slots} workers = {workers_floor:.0f} s a burst"
     )
     cpu = (
-        f"{series} runs x {cpu_per_run * 1000:.1f} ms of scheduler CPU / {cores} cores = {cpu_floor:.0f} s a burst "
-        f"(PostgreSQL's CPU not counted; load average {load:.1f})"
+        f"{series} runs x {cpu_per_run * 1000:.1f} ms of CPU (schedulers and PostgreSQL) / {cores} cores "
+        f"= {cpu_floor:.0f} s a burst (load average {load:.1f})"
     )
     if workers_floor >= cpu_floor:
         return f"the workers: {workers}; then CPU: {cpu}"
@@ -247,8 +249,9 @@ def main() -> None:
                 flush=True,
             )
             cores = os.cpu_count() or 1
+            server_cpu_per_run = cpu_per_run + postgres_cpu / max(1, succeeded)
             bound = bounded_by(
-                used, fake.counts["429"], series, wall_per_run, cpu_per_run, processes * workers, cores, load
+                used, fake.counts["429"], series, wall_per_run, server_cpu_per_run, processes * workers, cores, load
             )
             print(f"bounded by: {bound}", flush=True)
         finally:
