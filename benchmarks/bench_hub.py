@@ -5,8 +5,8 @@ One uvicorn process serves the ASGI app as `make run` and the image do (websocke
 permessage-deflate) with the Redis channel layer (REDIS_URL, default redis://127.0.0.1:6379/0);
 CLIENT_PROCESSES processes hold the connections, each a lean client (`client`) so that they take as
 little as they can of the cores they share with the server. This process is the publisher: it upserts a
-candle into the store (committed), takes the time, and calls `live.publish_candles` as run_scheduler does
-after a run (which reads the candle and its indicator row back and sends it). Latency = arrival at a
+candle into the store (committed), takes the time, and publishes it as run_scheduler does after a run
+(`live.candle_messages` of the candles the run wrote, sent by `live.publisher`). Latency = arrival at a
 client - commit, on one machine's clock. A first candle, reported apart, starts the publisher's thread and
 Redis connection as a long-running scheduler has them. Also printed: the last arrival of each candle, the
 CPU the server and the clients spent per candle, and the load average (the machine may be shared).
@@ -118,9 +118,10 @@ def publish_candle(store, live, i: int) -> float:
     returns the commit's time."""
     ts = T0 + i * 60_000
     price = 42_000.0 + i
-    store.upsert_candles(*SERIES, [[ts, price, price + 5, price - 5, price + 1, 12.5]])
+    rows = [[ts, price, price + 5, price - 5, price + 1, 12.5]]
+    store.upsert_candles(*SERIES, rows)
     committed = time.time()
-    live.publish_candles(*SERIES, ts, ts)
+    live.publisher.publish_many(live.candle_messages(*SERIES, rows, {}))
     return committed
 
 

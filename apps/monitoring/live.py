@@ -37,8 +37,6 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
-from apps.marketdata import store
-from apps.marketdata.timeframes import slot_before
 from apps.monitoring.models import LiveEvent
 from apps.ratelimits.models import RateLimit
 from apps.ratelimits.serializers import available_tokens, circuit_state
@@ -267,11 +265,12 @@ def run_finished(run: Run, result: Any, candles: bool = True) -> None:
         messages = [_job_message("finished", job, run)]
         exchange_id = job.connector.exchange_id
         if candles and getattr(result, "candles_written", 0):
-            group = series_group(exchange_id, job.symbol, job.timeframe)
-            indicators = getattr(result, "latest_indicators", {})
-            messages.extend(
-                ([group], candle_payload(exchange_id, job.symbol, job.timeframe, *row, indicators.get(row[0], {})))
-                for row in getattr(result, "latest", [])[-MAX_CANDLES_PER_RUN:]
+            messages += candle_messages(
+                exchange_id,
+                job.symbol,
+                job.timeframe,
+                getattr(result, "latest", []),
+                getattr(result, "latest_indicators", {}),
             )
         if getattr(result, "gaps_open", 0) or getattr(result, "gaps_refetched", 0):
             messages.append(
@@ -293,22 +292,16 @@ def run_finished(run: Run, result: Any, candles: bool = True) -> None:
         publisher.failed(exc)
 
 
-def publish_candles(exchange_id: str, symbol: str, timeframe: str, first_ts: int, last_ts: int) -> int:
-    """Publish the stored candles of [first_ts, last_ts] (the newest MAX_CANDLES_PER_RUN of them), each
-    with its indicator values, read from the store; returns how many."""
-    start = last_ts
-    for _ in range(MAX_CANDLES_PER_RUN - 1):
-        if start <= first_ts:
-            break
-        start = slot_before(timeframe, start)
-    start = max(start, first_ts)
-    rows = store.read_candles(exchange_id, symbol, timeframe, start_ts=start, end_ts=last_ts)
-    indicators = dict(store.read_indicators(exchange_id, symbol, timeframe, start_ts=start, end_ts=last_ts))
+def candle_messages(
+    exchange_id: str, symbol: str, timeframe: str, rows: list, indicators: dict[int, dict[str, float | None]]
+) -> list[tuple[list[str], dict[str, Any]]]:
+    """The `ohlcv` messages of stored candles (the newest MAX_CANDLES_PER_RUN of `rows`), each with its
+    indicator values from `indicators` (by ts)."""
     group = series_group(exchange_id, symbol, timeframe)
-    publisher.publish_many(
-        [([group], candle_payload(exchange_id, symbol, timeframe, *row, indicators.get(row[0], {}))) for row in rows]
-    )
-    return len(rows)
+    return [
+        ([group], candle_payload(exchange_id, symbol, timeframe, *row, indicators.get(row[0], {})))
+        for row in rows[-MAX_CANDLES_PER_RUN:]
+    ]
 
 
 def candle_payload(
