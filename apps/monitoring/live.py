@@ -115,7 +115,7 @@ class Publisher:
             self.failed(exc)
 
     def _write_outbox(self, messages: list[tuple[list[str], dict[str, Any]]]) -> None:
-        LiveEvent.objects.append([(group, payload) for groups, payload in messages for group in groups])
+        LiveEvent.objects.append(messages)
         self._succeeded()
         if time.monotonic() - self._trimmed_at >= OUTBOX_TRIM_INTERVAL_SECONDS:
             # Publishers trim too: a deployment without a web process must not grow the table forever.

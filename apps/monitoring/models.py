@@ -11,23 +11,26 @@ from datacollector.version import version
 
 
 class LiveEventQuerySet(models.QuerySet):
-    def append(self, events: list[tuple[str, dict]]) -> None:
-        """Insert (group, payload) events in one INSERT. Outside a transaction it runs on its own, without
-        the BEGIN and COMMIT that bulk_create wraps around it: a live run publishes on every run."""
-        if not events:
+    def append(self, messages: list[tuple[list[str], dict]]) -> None:
+        """Insert (groups, payload) messages, a row each, in one INSERT. Outside a transaction it runs on its
+        own, without the BEGIN and COMMIT that bulk_create wraps around it: a live run publishes on every run.
+        One row per message, not per group: a client subscribed to two of its groups gets it once."""
+        if not messages:
             return
         connection = connections[self.db]
         if connection.in_atomic_block:
             now = timezone.now()
-            self.bulk_create([LiveEvent(group=group, payload=payload, created_at=now) for group, payload in events])
+            self.bulk_create(
+                [LiveEvent(groups=groups, payload=payload, created_at=now) for groups, payload in messages]
+            )
             return
         cast = "::jsonb" if connection.vendor == "postgresql" else ""
-        rows = ", ".join([f"(%s, %s{cast}, %s)"] * len(events))
+        rows = ", ".join([f"(%s{cast}, %s{cast}, %s)"] * len(messages))
         now = connection.ops.adapt_datetimefield_value(timezone.now())
-        params = [value for group, payload in events for value in (group, json.dumps(payload), now)]
+        params = [value for groups, payload in messages for value in (json.dumps(groups), json.dumps(payload), now)]
         with connection.cursor() as cursor:
             cursor.execute(
-                f'INSERT INTO {LiveEvent._meta.db_table} ("group", payload, created_at) VALUES {rows}', params
+                f"INSERT INTO {LiveEvent._meta.db_table} (groups, payload, created_at) VALUES {rows}", params
             )
 
     def trim(self, older_than_seconds: float) -> int:
@@ -45,7 +48,7 @@ class LiveEvent(models.Model):
     this table stays empty. Rows live a few minutes.
     """
 
-    group = models.CharField(max_length=100)
+    groups = models.JSONField()  # the groups the message goes to
     payload = models.JSONField()
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
 
@@ -55,7 +58,7 @@ class LiveEvent(models.Model):
         ordering = ["id"]
 
     def __str__(self) -> str:
-        return f"{self.group} #{self.pk}"
+        return f"{', '.join(self.groups)} #{self.pk}"
 
 
 class SchedulerProcessQuerySet(models.QuerySet):

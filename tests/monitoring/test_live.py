@@ -22,8 +22,9 @@ def job(db) -> Job:
 
 def published() -> list[tuple[str, str, int, str]]:
     return [
-        (event.group, event.payload["event"], event.payload["job"]["id"], event.payload["job"]["status"])
+        (group, event.payload["event"], event.payload["job"]["id"], event.payload["job"]["status"])
         for event in LiveEvent.objects.order_by("pk")
+        for group in event.groups
     ]
 
 

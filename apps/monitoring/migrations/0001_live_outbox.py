@@ -14,7 +14,7 @@ class Migration(migrations.Migration):
             name="LiveEvent",
             fields=[
                 ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
-                ("group", models.CharField(max_length=100)),
+                ("groups", models.JSONField()),
                 ("payload", models.JSONField()),
                 ("created_at", models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
             ],
