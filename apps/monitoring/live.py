@@ -347,8 +347,8 @@ def ratelimit_payload(row: RateLimit, rate_limited: int = 0) -> dict[str, Any]:
         "type": "ratelimit",
         "exchange": row.exchange_id,
         "tokens": round(tokens, 3),
-        "capacity": row.capacity,
-        "fill": round(tokens / row.capacity, 4) if row.capacity else 0.0,
+        "capacity": row.limit,  # what a window may spend, in window mode
+        "fill": round(tokens / row.limit, 4) if row.limit else 0.0,
         "refill_per_second": row.refill_per_second,
         "blocked_until": _iso(row.blocked_until) if row.blocked_until and row.blocked_until > now else None,
         "circuit": circuit_state(row, now),

@@ -24,7 +24,7 @@ WINDOWS = {"last_hour": timedelta(hours=1), "last_day": timedelta(days=1)}
 def _bucket(row: RateLimit, now: datetime) -> dict[str, Any]:
     return {
         "tokens_available": round(available_tokens(row, now), 3),
-        "capacity": row.capacity,
+        "capacity": row.limit,  # what a window may spend, in window mode
         "weight_per_minute": row.effective_weight_per_minute,
         "configured_weight_per_minute": row.configured_weight_per_minute,
         "announced_weight_per_minute": row.announced_weight_per_minute,

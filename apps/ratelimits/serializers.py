@@ -7,11 +7,15 @@ from apps.ratelimits.models import RateLimit
 
 
 def available_tokens(rate_limit: RateLimit, now: datetime | None = None) -> float:
-    """Tokens in the bucket now: the stored level refilled for the time since, capped at the capacity.
+    """What the bucket can grant now, out of `rate_limit.limit`: in window mode what the current window has
+    left; else the stored level refilled for the time since, capped at the capacity.
 
     Display only; `acquire_token` does the same arithmetic atomically in the database.
     """
-    elapsed = max(0.0, ((now or timezone.now()) - rate_limit.updated_at).total_seconds())
+    now = now or timezone.now()
+    if rate_limit.window_seconds is not None:
+        return max(0.0, rate_limit.limit - rate_limit.window_at(now)[1])
+    elapsed = max(0.0, (now - rate_limit.updated_at).total_seconds())
     return min(rate_limit.capacity, rate_limit.tokens + elapsed * rate_limit.refill_per_second)
 
 

@@ -30,6 +30,26 @@ def test_rate_limits_show_the_refilled_bucket_and_breaker_state(api_client, db) 
     assert row["granted"] == 7
 
 
+@time_machine.travel(NOW + timedelta(seconds=20), tick=False)
+def test_a_fixed_window_shows_what_the_current_window_has_left(api_client, db) -> None:
+    # Binance's mode: 5,700 a minute + a burst of 300 = 6,000 per clock minute, 4,000 of it spent.
+    RateLimit.objects.filter(exchange_id="binance").delete()
+    RateLimit.objects.create(
+        exchange_id="binance",
+        capacity=300,
+        refill_per_second=95,
+        tokens=300,
+        updated_at=NOW + timedelta(seconds=19),
+        window_seconds=60,
+        window_started_at=NOW,
+        window_used=4_000,
+    )
+
+    [row] = api_client.get("/api/v1/ratelimits/?exchange_id=binance").data["results"]
+
+    assert row["tokens_available"] == 2_000.0
+
+
 def test_rate_limits_are_read_only(api_client, db) -> None:
     row = RateLimit.objects.create(exchange_id="x-test", capacity=1, refill_per_second=1, tokens=1)
 
