@@ -73,9 +73,9 @@ class RetentionPolicy:
         return None if days is None else datetime_to_ms(now) - days * DAY_MS
 
 
-def plan(now: datetime | None = None, policy: RetentionPolicy | None = None) -> list[Purge]:
-    """What a purge at `now` would delete: series with candles before their cutoff (a count per series,
-    over the part of its index that goes)."""
+def plan(now: datetime | None = None, policy: RetentionPolicy | None = None, count: bool = True) -> list[Purge]:
+    """What a purge at `now` would delete: series with candles before their cutoff, with `count` how many
+    per series (over the part of its index that goes; a purge that deletes them counts what it deletes)."""
     now = now or timezone.now()
     policy = policy or RetentionPolicy()
     planned = []
@@ -84,7 +84,7 @@ def plan(now: datetime | None = None, policy: RetentionPolicy | None = None) -> 
         if cutoff is None or stats.first_ts >= cutoff:
             continue
         series = (stats.exchange_id, stats.symbol, stats.timeframe)
-        candles = store.coverage(*series, end_ts=cutoff - 1).count
+        candles = store.coverage(*series, end_ts=cutoff - 1).count if count else 0
         days = policy.days(stats.exchange_id, stats.timeframe)
         planned.append(Purge(*series, days=days, cutoff_ts=cutoff, candles=candles))  # type: ignore[arg-type]
     return planned
@@ -97,7 +97,7 @@ def purge(
 
     `progress(share, message)` is called after each series (a task's `report`, which renews its lease).
     """
-    planned = plan(now)
+    planned = plan(now, count=dry_run)
     if dry_run:
         return planned
     done = []
