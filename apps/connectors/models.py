@@ -428,9 +428,8 @@ class MarketQuerySet(models.QuerySet):
             (inactive, f"market inactive: {connector.exchange_id} lists this market as not trading ({when})"),
         ):
             if symbols:
-                stopped += connector.jobs.filter(symbol__in=symbols, status="active").update(
-                    status="error", last_error=f"{why}; resume the job once it trades again.", updated_at=now
-                )
+                active = connector.jobs.filter(symbol__in=symbols, status=connector.jobs.model.Status.ACTIVE)
+                stopped += active.stop(f"{why}; resume the job once it trades again.")
         return stopped
 
 

@@ -273,9 +273,13 @@ class JobQuerySet(models.QuerySet):
             status=Job.Status.ACTIVE, last_error="", consecutive_failures=0, next_run_at=now, updated_at=now
         )
 
+    def stop(self, reason: str) -> int:
+        """Put the jobs in error with `reason` (their market went away): they wait to be resumed."""
+        return self._operate(status=Job.Status.ERROR, last_error=reason, updated_at=timezone.now())
+
     def _operate(self, **changes: Any) -> int:
-        """An operator's change (admin or API): update, and once it commits the live hub shows the jobs'
-        new state (`jobs` channel)."""
+        """A change made outside a run (an operator's in the admin or API, a markets refresh): update, and
+        once it commits the live hub shows the jobs' new state (`jobs` channel)."""
         pks = list(self.values_list("pk", flat=True))
         if not pks:
             return 0

@@ -15,6 +15,7 @@ from apps.connectors.exchanges import RetryPolicy
 from apps.connectors.models import Connector, Market
 from apps.jobs.models import Job, Task
 from apps.jobs.tasks import run_task
+from apps.monitoring.models import LiveEvent
 from apps.ratelimits.models import RateLimit
 from tests.conftest import grant
 from tests.fakes.binance import FakeBinance
@@ -341,3 +342,17 @@ def test_the_exchange_status_counts_rate_limit_answers_of_the_last_hour(api_clie
     assert body["circuit"] == "closed"
     assert body["bucket"]["capacity"] == 300
     assert body["last_success_at"] is None
+
+
+@pytest.mark.django_db
+def test_jobs_stopped_by_a_refresh_show_their_new_state_on_the_hub(connector, fake, django_capture_on_commit_callbacks):
+    connector.refresh_markets()
+    eth = Job.objects.create(connector=connector, symbol="ETH/USDT", timeframe="1m")
+    del fake.listings["ETHUSDT"]
+
+    with django_capture_on_commit_callbacks(execute=True):
+        connector.refresh_markets()
+
+    [event] = LiveEvent.objects.all()  # the embedded hub's outbox (no REDIS_URL here)
+    assert event.payload["job"]["id"] == eth.pk
+    assert event.payload["job"]["status"] == Job.Status.ERROR
