@@ -502,10 +502,10 @@ class SeriesSelectionError(ValueError):
         self.message = message
 
 
-def stored_series(exchange_id: str, symbols: list[str], timeframes: list[str]) -> list[store.SeriesCoverage]:
+def stored_series(exchange_id: str, symbols: list[str], timeframes: list[str]) -> list[store.SeriesStatistics]:
     """The stored series of `exchange_id` (only `symbols` and `timeframes`, when given); every value that
     matches nothing is a SeriesSelectionError naming it. The one check `recompute_indicators` and the API's
-    compute share."""
+    compute share. Read from the series statistics, one indexed query."""
     if not is_known_exchange(exchange_id):
         raise SeriesSelectionError(
             "exchange_id", f"{exchange_id!r} is not a ccxt exchange id (e.g. binance) or simulated."
@@ -513,7 +513,7 @@ def stored_series(exchange_id: str, symbols: list[str], timeframes: list[str]) -
     bad = [timeframe for timeframe in timeframes if not is_valid_timeframe(timeframe)]
     if bad:
         raise SeriesSelectionError("timeframes", f"{bad[0]}: {timeframe_error(bad[0])}")
-    stored = [s for s in store.list_series_coverage() if s.exchange_id == exchange_id]
+    stored = store.series_statistics(exchange_id=exchange_id)
     if not stored:
         raise SeriesSelectionError("exchange_id", f"{exchange_id!r} has no stored candles; nothing to recompute.")
     for field, wanted, have in (
@@ -544,10 +544,10 @@ def run_compute_task(task) -> dict:
     params = task.params
     series = stored_series(params["exchange_id"], params.get("symbols") or [], params.get("timeframes") or [])
     config = configured_indicators()
-    total = sum(s.count for s in series) or 1
+    total = sum(s.candles for s in series) or 1
     done = rows = 0
     for s in series:
         task.report(done / total, f"{s.symbol} {s.timeframe}")
         rows += recompute_series(s.exchange_id, s.symbol, s.timeframe, config)
-        done += s.count
+        done += s.candles
     return {"series": len(series), "rows": rows, "columns": indicator_set(config).names}

@@ -47,7 +47,7 @@ class Command(BaseCommand):
 
         started = time.monotonic()
         bar = tqdm(
-            total=sum(s.count for s in series),
+            total=sum(s.candles for s in series),
             unit=" candles",
             unit_scale=True,
             dynamic_ncols=True,
@@ -59,7 +59,7 @@ class Command(BaseCommand):
         for s in series:
             bar.set_postfix_str(f"{s.symbol} {s.timeframe}")
             rows += recompute_series(s.exchange_id, s.symbol, s.timeframe, indicators.config)
-            bar.update(s.count)
+            bar.update(s.candles)
         bar.close()
         self.stdout.write(
             f"Recomputed {len(series)} series ({rows} rows) in {time.monotonic() - started:.1f}s; "
