@@ -42,7 +42,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from apps.connectors.exchanges import is_known_exchange
+from apps.connectors.models import validate_exchange_id
 from apps.jobs.models import Job, Task, validate_symbol
 from apps.marketdata import store
 from apps.marketdata.indicators import indicator_set
@@ -85,11 +85,10 @@ def validate_export(
     errors: dict[str, str] = {}
     if format not in FORMATS:
         errors["format"] = f"format {format!r} is not offered: use {', '.join(FORMATS)}."
-    if not is_known_exchange(exchange_id):
-        errors["exchange_id"] = (
-            f"Unknown exchange {exchange_id!r}: use a ccxt exchange id (e.g. binance) or simulated; "
-            "GET /api/v1/exchanges lists them."
-        )
+    try:
+        validate_exchange_id(exchange_id)
+    except ValidationError as exc:
+        errors["exchange_id"] = exc.messages[0]
     if not symbols:
         errors["symbols"] = "Give at least one symbol, e.g. BTC/USDT."
     if not timeframes:
