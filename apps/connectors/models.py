@@ -337,26 +337,32 @@ class MarketQuerySet(models.QuerySet):
         """
         if not symbols:
             return {}
-        stored = dict(self.filter(exchange_id=exchange_id).values_list("symbol", "active"))
-        if not stored:
-            return {}
-        listed = sorted(symbol for symbol, active in stored.items() if active)
-        inactive = dict(
-            self.filter(exchange_id=exchange_id, symbol__in=[s for s in symbols if stored.get(s) is False]).values_list(
-                "symbol", "delisted_at"
+        # The common case, every symbol listed and trading, reads only the symbols asked for; the whole
+        # listing is read only to suggest the closest symbols for one that is not listed.
+        found = {
+            symbol: (active, delisted_at)
+            for symbol, active, delisted_at in self.filter(exchange_id=exchange_id, symbol__in=symbols).values_list(
+                "symbol", "active", "delisted_at"
             )
-        )
+        }
+        if all(found.get(symbol, (False,))[0] for symbol in symbols):
+            return {}
+        if len(found) < len(set(symbols)) and not self.known(exchange_id):
+            return {}
+        listed: list[str] | None = None
         errors = {}
         for symbol in symbols:
-            if stored.get(symbol) is True:
+            active, delisted_at = found.get(symbol, (None, None))
+            if active:
                 continue
-            if symbol in inactive:
-                delisted_at = inactive[symbol]
+            if active is False:
                 why = (
                     f"was delisted on {delisted_at:%Y-%m-%d %H:%M} UTC" if delisted_at else "is not trading (inactive)"
                 )
                 errors[symbol] = f"Symbol {symbol!r} {why} on {exchange_id}: its candles are no longer published."
                 continue
+            if listed is None:
+                listed = sorted(self.filter(exchange_id=exchange_id, active=True).values_list("symbol", flat=True))
             closest = difflib.get_close_matches(symbol, listed, n=CLOSEST_SYMBOLS, cutoff=CLOSEST_CUTOFF)
             hint = f" Closest listed: {', '.join(closest)}." if closest else ""
             errors[symbol] = (
