@@ -355,11 +355,13 @@ def series_tables(
     start_ts: int | None,
     end_ts: int | None,
     columns: list[str],
-    chunk_size: int = store.COLUMN_CHUNK,
+    chunk_size: int | None = None,
 ) -> Iterator[pa.Table]:
-    """The series as Arrow tables, one per store chunk: `ts` (timestamp ms UTC), the values, the indicator
-    `columns` (null where no indicator row or value is stored)."""
+    """The series as Arrow tables, one per store chunk (`chunk_size`, default store.COLUMN_CHUNK): `ts`
+    (timestamp ms UTC), the values, the indicator `columns` (null where no indicator row or value is
+    stored)."""
     schema = series_schema(columns)
+    chunk_size = chunk_size or store.COLUMN_CHUNK
     for chunk in store.iter_candle_columns(exchange_id, symbol, timeframe, start_ts, end_ts, chunk_size):
         arrays: list[pa.Array] = [pa.array(chunk["ts"]).cast(TS_TYPE)]
         arrays += [pa.array(chunk[name]) for name in VALUE_FIELDS]

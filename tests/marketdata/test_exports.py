@@ -75,17 +75,9 @@ def test_parquet_has_ms_utc_timestamps_float64_values_and_reads_back_in_pyarrow_
 def test_parquet_is_written_in_row_groups_of_the_chunk_size(sql_store, monkeypatch):
     store_minutes(count=10)
     monkeypatch.setattr(store, "COLUMN_CHUNK", 4)
-    monkeypatch.setattr(
-        exports,
-        "series_tables",
-        lambda *args, **kwargs: exports_series_tables(*args, **{**kwargs, "chunk_size": 4}),
-    )
     export = run(make_export())
     metadata = pq.ParquetFile(exports.export_path(export)).metadata
     assert (metadata.num_rows, metadata.num_row_groups) == (10, 3)
-
-
-exports_series_tables = exports.series_tables
 
 
 def test_indicator_columns_are_added_with_nulls_where_no_value_is_stored(sql_store):
