@@ -204,11 +204,18 @@ def request_export(
     return export
 
 
-def run_export_task(task: Task) -> dict:
-    """The handler of export tasks: delete expired exports' files, then write this one."""
+def run_export_task(task: Task, progress: Callable[[float, str], None] | None = None) -> dict:
+    """The handler of export tasks: delete expired exports' files, then write this one. `progress(share,
+    message)` is told too, beside the task (manage.py export's bar)."""
     delete_expired_files()
     export = Export.objects.get(task=task)
-    write_export(export, lambda share, message: task.report(share, message))
+
+    def report(share: float, message: str) -> None:
+        task.report(share, message)
+        if progress is not None:
+            progress(share, message)
+
+    write_export(export, report)
     return {"export_id": export.pk, "rows": export.rows, "size": export.size, "file": export.file_path}
 
 

@@ -66,19 +66,18 @@ class Command(BaseCommand):
         task = Task.objects.filter(pk=export.task_id).claim(f"export-command:{os.getpid()}", lease_seconds=300)
         if task is None:
             raise CommandError(f"export {export.pk} was taken by a scheduler first; follow it in the API")
-        exports.delete_expired_files()
         with tqdm(total=100, unit="%", disable=options["verbosity"] == 0) as bar:
 
-            def report(share: float, message: str) -> None:
-                task.report(share, message)
+            def show(share: float, message: str) -> None:
                 bar.set_description(message)
                 bar.update(round(share * 100) - bar.n)
 
             try:
-                export = exports.write_export(export, report)
+                result = exports.run_export_task(task, show)
             except Exception as exc:
                 task.fail(f"{type(exc).__name__}: {exc}")
                 raise CommandError(f"export {export.pk} failed: {type(exc).__name__}: {exc}") from exc
-            task.succeed({"export_id": export.pk, "rows": export.rows, "size": export.size, "file": export.file_path})
+            task.succeed(result)
             bar.update(100 - bar.n)
+        export.refresh_from_db()
         self.stdout.write(f"{exports.export_path(export)}  ({export.rows:,} candles, {export.size:,} bytes)")
