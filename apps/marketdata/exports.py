@@ -135,39 +135,36 @@ def validate_export(
         )
 
 
+def _stored_bounds(exchange_id: str, symbols: list[str], timeframes: list[str]) -> dict[tuple[str, str], tuple]:
+    """(symbol, timeframe) -> (first ts, last ts) of the selected series that hold candles: one read of
+    the exchange's series statistics."""
+    return {
+        (stats.symbol, stats.timeframe): (stats.first_ts, stats.last_ts)
+        for stats in store.series_statistics(exchange_id=exchange_id)
+        if stats.symbol in symbols and stats.timeframe in timeframes
+    }
+
+
 def _known_series(exchange_id: str, symbols: list[str], timeframes: list[str]) -> set[tuple[str, str]]:
     collected = set(
         Job.objects.filter(connector__exchange_id=exchange_id, symbol__in=symbols, timeframe__in=timeframes)
         .values_list("symbol", "timeframe")
         .distinct()
     )
-    return collected | {
-        (symbol, timeframe)
-        for symbol in symbols
-        for timeframe in timeframes
-        if (symbol, timeframe) not in collected and store.first_ts(exchange_id, symbol, timeframe) is not None
-    }
-
-
-def _series_estimate(exchange_id: str, symbol: str, timeframe: str, start_ts: int | None, end_ts: int | None) -> int:
-    """Slots between the stored bounds clipped to the range: an upper bound of the candles there (two
-    index probes, where counting would walk the range)."""
-    first, last = store.first_ts(exchange_id, symbol, timeframe), store.last_ts(exchange_id, symbol, timeframe)
-    if first is None:
-        return 0
-    low = first if start_ts is None else max(first, start_ts)
-    high = last if end_ts is None else min(last, end_ts)
-    return slot_count(timeframe, low, high) if low <= high else 0
+    return collected | set(_stored_bounds(exchange_id, symbols, timeframes))
 
 
 def estimate_rows(
     exchange_id: str, symbols: list[str], timeframes: list[str], start_ts: int | None, end_ts: int | None
 ) -> int:
-    return sum(
-        _series_estimate(exchange_id, symbol, timeframe, start_ts, end_ts)
-        for symbol in symbols
-        for timeframe in timeframes
-    )
+    """Slots between each series' stored bounds clipped to the range: an upper bound of the candles there
+    (counting would walk the range)."""
+    total = 0
+    for (_, timeframe), (first, last) in _stored_bounds(exchange_id, symbols, timeframes).items():
+        low = first if start_ts is None else max(first, start_ts)
+        high = last if end_ts is None else min(last, end_ts)
+        total += slot_count(timeframe, low, high) if low <= high else 0
+    return total
 
 
 # --- Requests ---------------------------------------------------------------------------------------
