@@ -200,8 +200,17 @@ def test_invalid_options_are_refused_with_a_clear_message():
 
 def test_metrics_and_one_json_log_line_per_run(tmp_path):
     (job,) = make_jobs(1)
+    # One worker: its first claim is number 0 (several workers' claims go out at once, in any order).
     process = start_scheduler(
-        tmp_path, "observed", "--metrics-port", "0", "--collector", "tests.jobs.standins.instant", log_level="INFO"
+        tmp_path,
+        "observed",
+        "--workers",
+        "1",
+        "--metrics-port",
+        "0",
+        "--collector",
+        "tests.jobs.standins.instant",
+        log_level="INFO",
     )
     try:
         log = tmp_path / "observed.log"
